@@ -1,0 +1,71 @@
+"""Process settings: one `Settings` object per process, read from `KMSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineName = Literal["auto", "hf", "vllm"]
+TrainProfile = Literal["auto", "paper", "fast"]
+
+
+class Settings(BaseSettings):
+    """Every knob of kmserve; `KMSERVE_<FIELD>` in the environment (or a `.env` file) overrides the default."""
+
+    model_config = SettingsConfigDict(env_prefix="KMSERVE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".kmserve"), description="Where the embedded mode keeps its database, index and store.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; unset = SQLite file `kmserve.db` under the data dir."
+    )
+    store_url: str | None = Field(
+        None, description="Adapter store root: a local path or any fsspec URL (s3://bucket/prefix); unset = data dir."
+    )
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; unset = embedded local folder.")
+    qdrant_api_key: SecretStr | None = Field(None, description="API key for the Qdrant server.")
+    base_model: str | None = Field(
+        None, description="HF model id or local path of the generator; unset = the built-in default model."
+    )
+    engine: EngineName = Field("auto", description="Generation engine: auto (vllm when CUDA and vllm exist), hf, vllm.")
+    auth: Literal["on", "off"] = Field("on", description="API-key authentication; `off` only for local tinkering.")
+    train_profile: TrainProfile = Field(
+        "auto", description="paper (the paper's generation counts and steps) or fast (CPU/CI); auto picks by device."
+    )
+    host: str = Field("127.0.0.1", description="Address the server binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the server binds.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    db_pool_size: int = Field(5, ge=1, description="Connection pool size (PostgreSQL).")
+    job_lease_seconds: float = Field(60.0, gt=0, description="How long a claimed job stays leased without heartbeat.")
+    job_max_attempts: int = Field(3, ge=1, description="Default attempts before a job fails for good.")
+    job_retry_backoff_seconds: float = Field(5.0, ge=0, description="First retry delay; doubles per attempt.")
+    gc_grace_seconds: float = Field(3600.0, ge=0, description="Orphan blobs younger than this are kept by GC.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite under the data dir."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'kmserve.db').resolve()}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        """The adapter store root, defaulting to `store/` under the data dir."""
+        return self.store_url or str((self.data_dir / "store").resolve())
+
+    @property
+    def admin_key_file(self) -> Path:
+        """File (mode 0600) where the first start writes the admin API key."""
+        return self.data_dir / "admin.key"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built once."""
+    return Settings()

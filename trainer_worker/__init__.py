@@ -1,0 +1,1 @@
+"""kmserve trainer_worker."""
