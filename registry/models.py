@@ -186,7 +186,7 @@ class Alias(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    adapter: Mapped[Adapter] = relationship(lazy="joined")
+    adapter: Mapped[Adapter] = relationship(lazy="joined", innerjoin=True)
 
 
 class Job(Base):

@@ -1,7 +1,7 @@
 """initial registry schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-21
 """
 from collections.abc import Sequence

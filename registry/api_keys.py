@@ -1,0 +1,97 @@
+"""API keys: created once in plain text, stored only as SHA-256, scoped, revocable."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.errors import InvalidScopeError, NotFoundError
+from registry.models import DEFAULT_TENANT, ApiKey, utcnow
+
+KEY_PREFIX = "kms_"
+DISPLAY_PREFIX_LEN = 12
+
+
+class Scope(enum.StrEnum):
+    """What a key may do; admin implies every other scope."""
+
+    QUERY = "query"
+    UPLOAD = "upload"
+    ADMIN = "admin"
+
+
+def hash_key(plaintext: str) -> str:
+    """The stored form of a key."""
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def parse_scopes(scopes: Iterable[str]) -> list[Scope]:
+    """Validate scope names; InvalidScopeError names the unknown one."""
+    allowed = [s.value for s in Scope]
+    parsed: list[Scope] = []
+    for scope in scopes:
+        if scope not in allowed:
+            raise InvalidScopeError(scope, allowed)
+        parsed.append(Scope(scope))
+    return sorted(set(parsed), key=allowed.index)
+
+
+def create_api_key(
+    session: Session, name: str, scopes: Iterable[str], *, tenant: str = DEFAULT_TENANT
+) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the plain-text key, which is shown once and never stored."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        tenant=tenant, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN], key_hash=hash_key(plaintext),
+        scopes=[s.value for s in parse_scopes(scopes)],
+    )
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def authenticate(session: Session, plaintext: str) -> ApiKey | None:
+    """The active key matching `plaintext`, or None (unknown or revoked)."""
+    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext))).one_or_none()
+    if key is None or not key.active:
+        return None
+    key.last_used_at = utcnow()
+    session.flush()
+    return key
+
+
+def has_scope(key: ApiKey, scope: Scope) -> bool:
+    """True when the key grants `scope` (admin grants all)."""
+    return Scope.ADMIN.value in key.scopes or scope.value in key.scopes
+
+
+def list_api_keys(
+    session: Session, *, tenant: str = DEFAULT_TENANT, include_revoked: bool = False
+) -> Sequence[ApiKey]:
+    """The tenant's keys, oldest first."""
+    stmt = select(ApiKey).where(ApiKey.tenant == tenant)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return session.scalars(stmt.order_by(ApiKey.id)).all()
+
+
+def revoke_api_key(session: Session, key_id: int, *, tenant: str = DEFAULT_TENANT) -> ApiKey:
+    """Revoke a key: it stops authenticating at once; the row stays for audit."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.tenant != tenant:
+        raise NotFoundError("api key", key_id)
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
+def count_admin_keys(session: Session) -> int:
+    """How many active admin keys exist (the first start creates one when there are none)."""
+    keys = session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
+    return sum(1 for k in keys if Scope.ADMIN.value in k.scopes)

@@ -1,0 +1,36 @@
+"""The FastAPI application: built by `create_app(settings)`; migrates and bootstraps on start."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from registry.config import Settings, get_settings
+from server.bootstrap import ensure_admin_key
+from server.errors import install_error_handlers
+from server.routes import health
+from server.state import AppState
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A configured kmserve app (settings from the environment when not given)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState.start(settings)
+        if settings.auth == "on":
+            ensure_admin_key(state.sessions, settings.admin_key_file)
+        app.state.kmserve = state
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="kmserve", version="0.1.0", lifespan=lifespan,
+                  description="Knowledge modules: per-document LoRA adapters, trained and served.")
+    install_error_handlers(app)
+    app.include_router(health.router)
+    return app

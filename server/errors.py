@@ -1,0 +1,62 @@
+"""One place that turns errors into the API's JSON shape: {"error": {"code", "message"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from registry.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+MSG_INTERNAL = "internal error; the server logged the details. Retry, and report it if it persists."
+MSG_VALIDATION = "request body or parameters are invalid: {detail}"
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    """The JSON body of every error response."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+def _http_code(status: int) -> str:
+    return {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+            422: "validation_error", 429: "rate_limited", 503: "unavailable"}.get(status, "http_error")
+
+
+async def _registry_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RegistryError)
+    return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(error_body(_http_code(exc.status_code), str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse(error_body("validation_error", MSG_VALIDATION.format(detail=detail)), status_code=422)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal_error", MSG_INTERNAL), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map domain, HTTP, validation and unexpected errors to the JSON error shape."""
+    app.add_exception_handler(RegistryError, _registry_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,53 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from registry.db import current_revision
+from server.deps import StateDep
+from server.errors import error_body
+
+router = APIRouter(tags=["health"])
+
+
+class HealthPublic(BaseModel):
+    """Liveness answer."""
+
+    status: str
+
+
+class ReadyPublic(BaseModel):
+    """Readiness answer: the database is reachable and migrated."""
+
+    status: str
+    database: str
+    schema_revision: str | None
+
+
+@router.get("/healthz", response_model=HealthPublic)
+def healthz() -> HealthPublic:
+    """The process is up."""
+    return HealthPublic(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyPublic, responses={503: {"description": "database unreachable"}})
+def readyz(state: StateDep) -> ReadyPublic | JSONResponse:
+    """The process can serve: its database answers."""
+    try:
+        with state.engine.connect() as conn:
+            conn.execute(text("select 1"))
+        revision = current_revision(state.engine)
+    except Exception as exc:  # any database failure means the same: not ready
+        return JSONResponse(error_body("unavailable", f"database unreachable: {type(exc).__name__}"), status_code=503)
+    return ReadyPublic(status="ready", database=state.engine.dialect.name, schema_revision=revision)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics() -> Response:
+    """Prometheus metrics in text format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
