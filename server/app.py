@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from registry.config import Settings, get_settings
 from server.bootstrap import ensure_admin_key
 from server.errors import install_error_handlers
-from server.routes import health
+from server.routes import admin_access, health
 from server.state import AppState
 
 
@@ -33,4 +33,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Knowledge modules: per-document LoRA adapters, trained and served.")
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(admin_access.router)
     return app

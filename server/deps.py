@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from registry.api_keys import Scope
+from server.auth import Principal, authenticate_request, require
 from server.state import AppState
 
 
@@ -16,3 +18,24 @@ def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_principal(request: Request, state: StateDep) -> Principal:
+    """The authenticated caller (401 when auth is on and no valid key was sent)."""
+    return authenticate_request(state, request)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def _scoped(scope: Scope) -> object:
+    def dependency(principal: PrincipalDep) -> Principal:
+        return require(principal, scope)
+
+    dependency.__name__ = f"require_{scope.value}"
+    return Depends(dependency)
+
+
+QueryPrincipal = Annotated[Principal, _scoped(Scope.QUERY)]
+UploadPrincipal = Annotated[Principal, _scoped(Scope.UPLOAD)]
+AdminPrincipal = Annotated[Principal, _scoped(Scope.ADMIN)]

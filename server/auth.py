@@ -1,0 +1,85 @@
+"""API-key authentication and scope checks.
+
+Keys arrive as `Authorization: Bearer <key>` (what the OpenAI client sends) or `X-API-Key: <key>`.
+With KMSERVE_AUTH=off every request acts as the default tenant with every scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from registry.api_keys import Scope, authenticate
+from registry.db import transaction
+from registry.errors import RegistryError
+from registry.models import DEFAULT_TENANT
+from server.state import AppState
+
+MSG_NO_KEY = "missing or invalid API key; send 'Authorization: Bearer <key>' (the admin key is in the data dir)."
+MSG_NO_SCOPE = "this API key lacks the '{scope}' scope; ask an admin for a key that has it."
+
+
+class UnauthorizedError(RegistryError):
+    """No valid API key was presented."""
+
+    code = "unauthorized"
+    status = 401
+
+    def __init__(self) -> None:
+        super().__init__(MSG_NO_KEY)
+
+
+class ForbiddenError(RegistryError):
+    """The key is valid but lacks the scope the route needs."""
+
+    code = "forbidden"
+    status = 403
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(MSG_NO_SCOPE.format(scope=scope.value))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's tenant and scopes (key_id None when auth is off)."""
+
+    tenant: str
+    scopes: frozenset[str]
+    key_id: int | None = None
+
+    def allows(self, scope: Scope) -> bool:
+        """True when the principal holds `scope` (admin holds all)."""
+        return Scope.ADMIN.value in self.scopes or scope.value in self.scopes
+
+
+ANONYMOUS_ADMIN = Principal(tenant=DEFAULT_TENANT, scopes=frozenset(s.value for s in Scope))
+
+
+def presented_key(request: Request) -> str | None:
+    """The API key in the request headers, if any."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def authenticate_request(state: AppState, request: Request) -> Principal:
+    """The principal behind the request; UnauthorizedError when auth is on and no active key was sent."""
+    if state.settings.auth == "off":
+        return ANONYMOUS_ADMIN
+    plaintext = presented_key(request)
+    if not plaintext:
+        raise UnauthorizedError()
+    with transaction(state.sessions) as session:
+        key = authenticate(session, plaintext)
+        if key is None:
+            raise UnauthorizedError()
+        return Principal(tenant=key.tenant, scopes=frozenset(key.scopes), key_id=key.id)
+
+
+def require(principal: Principal, scope: Scope) -> Principal:
+    """The principal, if it holds `scope`; ForbiddenError otherwise."""
+    if not principal.allows(scope):
+        raise ForbiddenError(scope)
+    return principal
