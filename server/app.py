@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from registry.config import Settings, get_settings
 from server.bootstrap import ensure_admin_key
 from server.errors import install_error_handlers
+from server.metrics import ServerMetrics, install_metrics
 from server.routes import admin_access, health
 from server.state import AppState
 
@@ -31,7 +32,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="kmserve", version="0.1.0", lifespan=lifespan,
                   description="Knowledge modules: per-document LoRA adapters, trained and served.")
+    app.state.metrics = ServerMetrics()
     install_error_handlers(app)
+    install_metrics(app, app.state.metrics)
     app.include_router(health.router)
     app.include_router(admin_access.router)
     return app

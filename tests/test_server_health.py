@@ -42,7 +42,9 @@ def test_metrics_is_prometheus_text(client: TestClient) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    assert "python_info" in response.text or "process_" in response.text
+    client.get("/healthz")
+    text = client.get("/metrics").text
+    assert 'kmserve_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
 
 
 def test_unknown_route_is_json_error(client: TestClient) -> None:
