@@ -60,6 +60,28 @@ def up(host: HostOpt = None, port: PortOpt = None) -> None:
     _run_server(host, port)
 
 
+@app.command()
+def gc(
+    grace: Annotated[float | None, typer.Option(help="Keep unreferenced blobs younger than this many seconds.")] = None,
+) -> None:
+    """Remove adapter and blob files that no registry row references."""
+    from registry.adapters import referenced_digests, referenced_uris
+    from registry.config import get_settings
+    from registry.db import make_engine, make_session_factory, transaction
+    from registry.store import AdapterStore
+
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_session_factory(engine)) as session:
+        referenced = referenced_uris(session) | referenced_digests(session)
+    engine.dispose()
+    report = AdapterStore.from_settings(settings).gc(
+        referenced, grace_seconds=settings.gc_grace_seconds if grace is None else grace
+    )
+    console.print(f"removed {report.adapters_removed} adapters, {report.blobs_removed} blobs, "
+                  f"{report.temp_removed} temp dirs; freed {report.bytes_freed} bytes")
+
+
 def _run_server(host: str | None, port: int | None) -> None:
     import uvicorn
 

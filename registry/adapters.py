@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -12,6 +12,9 @@ from sqlalchemy.orm import Session
 
 from registry.errors import AdapterInUseError, NotFoundError
 from registry.models import DEFAULT_TENANT, Adapter, AdapterKind, AdapterStatus, Alias, Document
+
+if TYPE_CHECKING:
+    from registry.store import StoredAdapter
 
 # Two writers registering in one lineage at once collide on (tenant, lineage, version); the loser retries.
 REGISTER_ATTEMPTS = 5
@@ -42,6 +45,21 @@ class AdapterCreate:
     writer_versions: dict[str, Any] = field(default_factory=dict)
     status: AdapterStatus = AdapterStatus.READY
     tenant: str = DEFAULT_TENANT
+
+    @classmethod
+    def from_stored(
+        cls, stored: StoredAdapter, *, kind: AdapterKind, lineage: str, base_model: str | None = None,
+        **fields: Any,
+    ) -> AdapterCreate:
+        """What to register for an adapter just written to the store (base model from its config by default)."""
+        info = stored.info
+        base = base_model or info.base_model_name_or_path or "unknown"
+        modules = sorted({module.path.rsplit(".", 1)[-1] for module in info.modules})
+        return cls(
+            kind=kind, lineage=lineage, base_model=base, rank=info.rank, alpha=info.alpha,
+            use_rslora=info.use_rslora, sha256=stored.digest, size_bytes=stored.size_bytes, uri=stored.uri,
+            target_modules=modules, writer_versions=dict(stored.writer_versions), **fields,
+        )
 
 
 def register_adapter(session: Session, data: AdapterCreate) -> Adapter:

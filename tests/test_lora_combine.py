@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from registry.errors import IncompatibleAdaptersError, InvalidAdapterError, UnsafeFormatError
 from registry.lora import (
@@ -27,6 +26,7 @@ from registry.lora import (
     combine,
     scaling,
 )
+from tests.tiny import save_lora, tiny_llama
 
 torch.set_num_threads(2)
 
@@ -36,25 +36,6 @@ CONFIG_B: dict[str, Any] = {
 }
 TOLERANCE = 1e-4
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
-
-
-def tiny_llama(**overrides: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return LlamaForCausalLM(config).eval()
-
-
-def save_lora(path: Path, seed: int, model: LlamaForCausalLM | None = None, **kwargs: Any) -> Path:
-    """Save a LoRA whose B is random too (PEFT's default B=0 would make every comparison trivial)."""
-    base = model if model is not None else tiny_llama()
-    torch.manual_seed(seed)
-    get_peft_model(base, LoraConfig(init_lora_weights=False, **kwargs)).save_pretrained(str(path))
-    return path
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:

@@ -20,7 +20,6 @@ import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from registry.adapter_files import (
     CONFIG_NAME,
@@ -33,6 +32,7 @@ from registry.config import Settings
 from registry.errors import ChecksumError, InvalidAdapterError, NotFoundError, UnsafeFormatError
 from registry.store import AdapterStore
 from registry.store_format import MANIFEST_NAME
+from tests.tiny import tiny_llama
 
 torch.set_num_threads(2)
 
@@ -40,15 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MEMORY_URL = "memory://kmtest/store"
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 HOUR = 3600.0
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
