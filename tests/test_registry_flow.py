@@ -44,7 +44,8 @@ def test_store_register_alias_open(session: Session, tmp_path: Path, lora_dirs: 
     alias_repo.set_alias(session, lineage, versions[1].id)
     served = alias_repo.resolve_alias(session, lineage)
     opened = store.open(served.uri)
-    assert (opened / "adapter_model.safetensors").read_bytes() == (lora_dirs[1] / "adapter_model.safetensors").read_bytes()
+    weights = "adapter_model.safetensors"
+    assert (opened / weights).read_bytes() == (lora_dirs[1] / weights).read_bytes()
     with pytest.raises(AdapterInUseError):
         adapter_repo.delete_adapter(session, versions[1].id)
 
