@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 
 typecheck: install
-	$(BIN)/mypy registry clients server
+	$(BIN)/mypy registry clients server engines
 
 pytest: install
 	$(BIN)/pytest

@@ -66,6 +66,19 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def write_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction that writes; on SQLite it holds the write lock from its first statement.
+
+    Under SQLite's default BEGIN DEFERRED two writers could both read the same row before either writes, and a
+    reader that another writer overtook fails with SQLITE_BUSY instead of waiting. Other dialects ignore the
+    option: they lock rows with FOR UPDATE.
+    """
+    with transaction(factory) as session:
+        session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+        yield session
+
+
 def alembic_config(url: str | None = None) -> Any:
     """The Alembic config of the registry's migrations, pointed at `url`."""
     from alembic.config import Config

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.config import Settings
-from registry.db import SQLITE_BEGIN, transaction
+from registry.db import transaction, write_transaction
 from registry.errors import JobStateError, LeaseLostError, NotFoundError
 from registry.models import DEFAULT_TENANT, Job, JobEvent, JobStatus, utcnow
 from registry.queue_transitions import (
@@ -114,6 +114,26 @@ class JobQueue:
             session.add_all(jobs)
             session.flush()  # assigns the ids the events refer to
             session.add_all([new_event(job, JobEventType.QUEUED, now) for job in jobs])
+        return jobs
+
+    def enqueue_chain(self, specs: Sequence[JobSpec]) -> Jobs:
+        """Add jobs that run one after another (ingest -> synthesize -> train_km), in one transaction."""
+        with self._write() as session:
+            return self.add_chain(session, specs)
+
+    def add_chain(self, session: Session, specs: Sequence[JobSpec]) -> Jobs:
+        """Add a chain inside the caller's write transaction (so a document and its jobs commit together)."""
+        now = self._clock()
+        self._lock_live_dependencies(session, {s.depends_on for s in specs if s.depends_on is not None})
+        jobs: Jobs = []
+        for spec in specs:
+            job = self._new_job(spec, now)
+            if jobs:
+                job.depends_on_id = jobs[-1].id
+            session.add(job)
+            session.flush()  # the next job of the chain refers to this id
+            session.add(new_event(job, JobEventType.QUEUED, now))
+            jobs.append(job)
         return jobs
 
     def cancel(self, job_id: int) -> Job:
@@ -265,12 +285,7 @@ class JobQueue:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A transaction that writes; on SQLite it holds the write lock from its first statement."""
-        with transaction(self._sessions) as session:
-            # Under SQLite's default BEGIN DEFERRED two claimers could read the same queued row, and a reader
-            # that another writer overtook fails with SQLITE_BUSY instead of waiting. Other dialects ignore
-            # the option: they lock rows with FOR UPDATE.
-            session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+        with write_transaction(self._sessions) as session:
             yield session
 
     def _new_job(self, spec: JobSpec, now: datetime) -> Job:

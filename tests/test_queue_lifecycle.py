@@ -200,3 +200,41 @@ def test_retry_of_a_job_whose_dependency_failed_is_refused(queue: JobQueue) -> N
         queue.retry(synthesize.id)
 
 
+
+
+def test_chain_runs_in_order_and_commits_with_the_callers_work(session_factory: sessionmaker[Session]) -> None:
+    from registry.db import write_transaction
+    from registry.queue import JobSpec
+    from tests.factories import make_document
+
+    queue = JobQueue(session_factory)
+    with write_transaction(session_factory) as session:
+        document = make_document(session)
+        chain = queue.add_chain(session, [JobSpec("ingest", document_id=document.id), JobSpec("synthesize"),
+                                          JobSpec("train_km")])
+    assert [j.depends_on_id for j in chain] == [None, chain[0].id, chain[1].id]
+    order = []
+    for _ in range(3):
+        job = queue.claim("w")
+        assert job is not None
+        assert queue.claim("other") is None  # the next link waits for this one
+        order.append(job.kind)
+        queue.complete(job.id, "w")
+    assert order == ["ingest", "synthesize", "train_km"]
+
+
+def test_chain_rolls_back_with_the_caller(session_factory: sessionmaker[Session]) -> None:
+    from registry.db import write_transaction
+    from registry.queue import JobSpec
+
+    queue = JobQueue(session_factory)
+    before = sum(queue.stats().values())
+
+    def upload_that_fails() -> None:
+        with write_transaction(session_factory) as session:
+            queue.add_chain(session, [JobSpec("ingest"), JobSpec("train_km")])
+            raise RuntimeError("the document insert failed")
+
+    with pytest.raises(RuntimeError):
+        upload_that_fails()
+    assert sum(queue.stats().values()) == before
