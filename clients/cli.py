@@ -56,7 +56,7 @@ def up(host: HostOpt = None, port: PortOpt = None) -> None:
         console.print(f"admin key ({note}): [bold]{settings.admin_key_file.resolve()}[/bold] (mode 0600)")
     else:
         console.print("[yellow]KMSERVE_AUTH=off: every request is allowed[/yellow]")
-    state.close()
+    state.engine.dispose()
     _run_server(host, port)
 
 

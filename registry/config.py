@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     base_model: str | None = Field(
         None, description="HF model id or local path of the generator; unset = the built-in default model."
     )
+    model_name: str | None = Field(
+        None, description="Name clients use for the base model (`model`); unset = the base model id or kmserve-tiny."
+    )
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest document upload accepted.")
+    max_adapter_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted by adapter uploads.")
+    max_request_tokens: int = Field(2048, ge=1, description="Largest max_tokens a query may ask for.")
     engine: EngineName = Field("auto", description="Generation engine: auto (vllm when CUDA and vllm exist), hf, vllm.")
     auth: Literal["on", "off"] = Field("on", description="API-key authentication; `off` only for local tinkering.")
     train_profile: TrainProfile = Field(

@@ -1,4 +1,4 @@
-"""The FastAPI application: built by `create_app(settings)`; migrates and bootstraps on start."""
+"""The FastAPI application: built by `create_app(settings)`; migrates, bootstraps and loads the engine on start."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from registry.config import Settings, get_settings
 from server.bootstrap import ensure_admin_key
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics, install_metrics
-from server.routes import admin_access, health
+from server.routes import admin_access, admin_adapters, documents, health, jobs, openai_compat, query
+from server.services.adapters import AdapterService
 from server.state import AppState
 
 
@@ -24,11 +25,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState.start(settings)
         if settings.auth == "on":
             ensure_admin_key(state.sessions, settings.admin_key_file)
+        await state.start_generator()
         app.state.kmserve = state
+        app.state.adapter_service = AdapterService(state)
         try:
             yield
         finally:
-            state.close()
+            await state.close()
 
     app = FastAPI(title="kmserve", version="0.1.0", lifespan=lifespan,
                   description="Knowledge modules: per-document LoRA adapters, trained and served.")
@@ -36,5 +39,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_metrics(app, app.state.metrics)
     app.include_router(health.router)
-    app.include_router(admin_access.router)
+    for module in (documents, jobs, query, openai_compat, admin_adapters, admin_access):
+        app.include_router(module.router)
     return app

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from registry.api_keys import Scope
 from server.auth import Principal, authenticate_request, require
+from server.services.adapters import AdapterService
 from server.state import AppState
 
 
@@ -18,6 +19,15 @@ def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_adapter_service(request: Request) -> AdapterService:
+    """Verified engine handles and the KM+KE combined-adapter cache."""
+    service: AdapterService = request.app.state.adapter_service
+    return service
+
+
+AdapterServiceDep = Annotated[AdapterService, Depends(get_adapter_service)]
 
 
 def get_principal(request: Request, state: StateDep) -> Principal:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.config import Settings
 from registry.db import make_engine, migrate
 
 POSTGRES_URL = os.environ.get("KMSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -114,3 +116,17 @@ def fresh_db_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     engine.dispose()
     yield url
     drop_postgres_schema(schema)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The platform's default tiny model, built once per test session."""
+    from engines.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-llama")
+
+
+@pytest.fixture
+def app_settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
+    """Settings of an embedded server in a fresh data dir, serving the shared tiny model."""
+    return Settings(data_dir=tmp_path / "data", base_model=str(tiny_model_dir), model_name="kmserve-tiny")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,8 +15,8 @@ from tests.factories import make_adapter
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data")
+def settings(app_settings: Settings) -> Settings:
+    return app_settings
 
 
 @pytest.fixture
@@ -98,6 +97,6 @@ def test_alias_to_missing_adapter_404(client: TestClient, admin: dict[str, str])
     assert response.status_code == 404
 
 
-def test_auth_off_allows_admin(tmp_path: Path) -> None:
-    with TestClient(create_app(Settings(data_dir=tmp_path / "d", auth="off"))) as test_client:
+def test_auth_off_allows_admin(app_settings: Settings) -> None:
+    with TestClient(create_app(app_settings.model_copy(update={"auth": "off"}))) as test_client:
         assert test_client.get("/admin/keys").status_code == 200

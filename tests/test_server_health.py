@@ -19,8 +19,8 @@ from server.app import create_app
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data")
+def settings(app_settings: Settings) -> Settings:
+    return app_settings
 
 
 @pytest.fixture
@@ -66,8 +66,8 @@ def test_second_start_keeps_the_key(settings: Settings) -> None:
         assert settings.admin_key_file.read_text() == first
 
 
-def test_auth_off_creates_no_key(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "d", auth="off")
+def test_auth_off_creates_no_key(app_settings: Settings) -> None:
+    settings = app_settings.model_copy(update={"auth": "off"})
     with TestClient(create_app(settings)) as test_client:
         assert test_client.get("/healthz").status_code == 200
     assert not settings.admin_key_file.exists()
@@ -82,7 +82,7 @@ def _free_port() -> int:
 
 
 def test_kmserve_up_serves_healthz_over_http(tmp_path: Path) -> None:
-    """What `make run` does: `kmserve up` migrates, prints URL and key location, and answers on loopback."""
+    """What `make run` does: `kmserve up` migrates, builds the default model, prints URL and key location, serves."""
     port = _free_port()
     env = {**os.environ, "KMSERVE_DATA_DIR": str(tmp_path / "kms"), "KMSERVE_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "up"], env=env, stdout=subprocess.PIPE,

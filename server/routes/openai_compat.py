@@ -1,0 +1,7 @@
+"""Routes: openai_compat."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,7 @@
+"""Routes: query."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
