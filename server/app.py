@@ -13,6 +13,7 @@ from server.errors import install_error_handlers
 from server.metrics import ServerMetrics, install_metrics
 from server.routes import admin_access, admin_adapters, documents, health, jobs, openai_compat, query
 from server.services.adapters import AdapterService
+from server.services.generation import GenerationService
 from server.state import AppState
 
 
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.start_generator()
         app.state.kmserve = state
         app.state.adapter_service = AdapterService(state)
+        app.state.generation = GenerationService(state, app.state.adapter_service, app.state.metrics)
         try:
             yield
         finally:

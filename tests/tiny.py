@@ -30,3 +30,14 @@ def save_lora(path: Path, seed: int, model: LlamaForCausalLM | None = None, **kw
     torch.manual_seed(seed)
     get_peft_model(base, LoraConfig(init_lora_weights=False, **kwargs)).save_pretrained(str(path))
     return path
+
+
+def save_lora_for(model_dir: Path, path: Path, seed: int, **kwargs: Any) -> Path:
+    """Save a random-B LoRA that fits the model saved in `model_dir` (e.g. the served tiny model)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+    kwargs.setdefault("r", 4)
+    kwargs.setdefault("lora_alpha", 8)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return save_lora(path, seed, model, **kwargs)

@@ -1,7 +1,39 @@
-"""Routes: query."""
+"""POST /v1/query: a question answered through a document's knowledge module."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.deps import QueryPrincipal
+from server.schemas.query import QueryCreate, QueryPublic
+from server.services.generation import GenerationService
+from server.services.query import QueryService
+
+router = APIRouter(prefix="/v1", tags=["query"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def get_generation(request: Request) -> GenerationService:
+    """The shared generation service."""
+    service: GenerationService = request.app.state.generation
+    return service
+
+
+GenerationDep = Annotated[GenerationService, Depends(get_generation)]
+
+
+@router.post("/query", response_model=QueryPublic,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "SSE when stream=true"}})
+async def query(
+    body: QueryCreate, principal: QueryPrincipal, generation: GenerationDep
+) -> QueryPublic | StreamingResponse:
+    """Answer a question about a document without the document in the prompt (stream=true: SSE)."""
+    service = QueryService(generation)
+    admission = await service.admit(principal, body)
+    if body.stream:
+        return StreamingResponse(service.stream(admission), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await service.answer(admission)
