@@ -6,6 +6,7 @@ import enum
 import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +15,7 @@ from registry.errors import InvalidScopeError, NotFoundError
 from registry.models import DEFAULT_TENANT, ApiKey, utcnow
 
 KEY_PREFIX = "kms_"
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 DISPLAY_PREFIX_LEN = 12
 
 
@@ -56,13 +58,25 @@ def create_api_key(
 
 
 def authenticate(session: Session, plaintext: str) -> ApiKey | None:
-    """The active key matching `plaintext`, or None (unknown or revoked)."""
+    """The active key matching `plaintext`, or None (unknown or revoked). Reads only."""
     key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext))).one_or_none()
     if key is None or not key.active:
         return None
-    key.last_used_at = utcnow()
-    session.flush()
     return key
+
+
+def last_use_is_stale(key: ApiKey, now: datetime | None = None) -> bool:
+    """True when `last_used_at` is older than LAST_USED_RESOLUTION (stamping every request would serialize them)."""
+    now = now or utcnow()
+    return key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION
+
+
+def touch_api_key(session: Session, key_id: int) -> None:
+    """Record that a key was used now."""
+    key = session.get(ApiKey, key_id)
+    if key is not None:
+        key.last_used_at = utcnow()
+        session.flush()
 
 
 def has_scope(key: ApiKey, scope: Scope) -> bool:

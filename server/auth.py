@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from registry.api_keys import Scope, authenticate
-from registry.db import transaction
+from registry.api_keys import Scope, authenticate, last_use_is_stale, touch_api_key
+from registry.db import transaction, write_transaction
 from registry.errors import RegistryError
 from registry.models import DEFAULT_TENANT
 from server.state import AppState
@@ -75,7 +75,12 @@ def authenticate_request(state: AppState, request: Request) -> Principal:
         key = authenticate(session, plaintext)
         if key is None:
             raise UnauthorizedError()
-        return Principal(tenant=key.tenant, scopes=frozenset(key.scopes), key_id=key.id)
+        principal = Principal(tenant=key.tenant, scopes=frozenset(key.scopes), key_id=key.id)
+        stale = last_use_is_stale(key)
+    if stale:
+        with write_transaction(state.sessions) as session:
+            touch_api_key(session, key.id)
+    return principal
 
 
 def require(principal: Principal, scope: Scope) -> Principal:

@@ -202,7 +202,11 @@ def test_api_key_lifecycle(session: Session) -> None:
     assert plaintext.startswith("kms_") and key.prefix == plaintext[:12]
     assert key.key_hash != plaintext and plaintext not in key.key_hash
     found = key_repo.authenticate(session, plaintext)
-    assert found is not None and found.id == key.id and found.last_used_at is not None
+    assert found is not None and found.id == key.id
+    assert key_repo.last_use_is_stale(found)
+    key_repo.touch_api_key(session, key.id)
+    assert found.last_used_at is not None and not key_repo.last_use_is_stale(found)
+    assert key_repo.last_use_is_stale(found, found.last_used_at + key_repo.LAST_USED_RESOLUTION * 2)
     assert key_repo.has_scope(found, key_repo.Scope.QUERY)
     assert not key_repo.has_scope(found, key_repo.Scope.ADMIN)
     key_repo.revoke_api_key(session, key.id)

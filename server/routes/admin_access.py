@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from registry import aliases as alias_repo
 from registry import api_keys as key_repo
-from registry.db import transaction
+from registry.db import transaction, write_transaction
 from registry.models import Alias
 from server.deps import AdminPrincipal, StateDep
 from server.schemas.admin import (
@@ -30,7 +30,7 @@ def _alias_public(alias: Alias) -> AliasPublic:
 @router.post("/keys", response_model=ApiKeyCreated, status_code=status.HTTP_201_CREATED)
 def create_key(body: ApiKeyCreate, principal: AdminPrincipal, state: StateDep) -> ApiKeyCreated:
     """Create an API key; the secret is shown in this response only."""
-    with transaction(state.sessions) as session:
+    with write_transaction(state.sessions) as session:
         key, plaintext = key_repo.create_api_key(session, body.name, body.scopes, tenant=principal.tenant)
         return ApiKeyCreated(**ApiKeyPublic.model_validate(key).model_dump(), key=plaintext)
 
@@ -47,7 +47,7 @@ def list_keys(principal: AdminPrincipal, state: StateDep, include_revoked: bool 
 @router.delete("/keys/{key_id}", response_model=ApiKeyPublic)
 def revoke_key(key_id: int, principal: AdminPrincipal, state: StateDep) -> ApiKeyPublic:
     """Revoke an API key; it stops working at once."""
-    with transaction(state.sessions) as session:
+    with write_transaction(state.sessions) as session:
         return ApiKeyPublic.model_validate(key_repo.revoke_api_key(session, key_id, tenant=principal.tenant))
 
 
@@ -62,12 +62,12 @@ def list_aliases(principal: AdminPrincipal, state: StateDep) -> AliasesPublic:
 @router.put("/aliases/{name}", response_model=AliasPublic)
 def put_alias(name: str, body: AliasUpdate, principal: AdminPrincipal, state: StateDep) -> AliasPublic:
     """Point an alias at an adapter version (the hot swap: the next request uses it)."""
-    with transaction(state.sessions) as session:
+    with write_transaction(state.sessions) as session:
         return _alias_public(alias_repo.set_alias(session, name, body.adapter_id, tenant=principal.tenant))
 
 
 @router.delete("/aliases/{name}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_alias(name: str, principal: AdminPrincipal, state: StateDep) -> None:
     """Delete an alias (the adapter stays)."""
-    with transaction(state.sessions) as session:
+    with write_transaction(state.sessions) as session:
         alias_repo.delete_alias(session, name, tenant=principal.tenant)
