@@ -1,7 +1,66 @@
-"""Routes: documents."""
+"""Document routes: upload (JSON text or a .txt/.md/.pdf file), list, read, delete."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.status import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+
+from registry.models import DocumentStatus
+from server.deps import QueryPrincipal, StateDep, UploadPrincipal
+from server.schemas.documents import DocumentDetailPublic, DocumentsPublic, DocumentUploadPublic, upload_openapi
+from server.services.documents import DocumentService
+from server.uploads import read_document_upload
+
+router = APIRouter(prefix="/v1/documents", tags=["documents"])
+
+
+def get_document_service(state: StateDep) -> DocumentService:
+    """The document service over the app's state."""
+    return DocumentService(state)
+
+
+DocumentServiceDep = Annotated[DocumentService, Depends(get_document_service)]
+
+UPLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"model": DocumentUploadPublic, "description": "The same content was uploaded before: that document."},
+    413: {"description": "Larger than KMSERVE_MAX_UPLOAD_BYTES."},
+    415: {"description": "Not a .txt, .md or .pdf, or the bytes do not match the name."},
+    422: {"description": "Empty document or invalid fields."},
+}
+
+
+@router.post("", response_model=DocumentUploadPublic, status_code=HTTP_202_ACCEPTED,
+             responses=UPLOAD_RESPONSES, openapi_extra=upload_openapi())
+async def upload_document(
+    request: Request, response: Response, principal: UploadPrincipal, service: DocumentServiceDep
+) -> DocumentUploadPublic:
+    """Upload a document and queue its ingest and knowledge-module training."""
+    upload = await read_document_upload(request, service.max_upload_bytes)
+    created = await run_in_threadpool(service.create, upload, principal.tenant)
+    if not created.created:
+        response.status_code = HTTP_200_OK
+    return created
+
+
+@router.get("", response_model=DocumentsPublic)
+def list_documents(
+    principal: QueryPrincipal, service: DocumentServiceDep, status: DocumentStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
+) -> DocumentsPublic:
+    """List the tenant's documents, newest first."""
+    return service.list_documents(principal.tenant, status=status, limit=limit, offset=offset)
+
+
+@router.get("/{document_id}", response_model=DocumentDetailPublic)
+def get_document(document_id: int, principal: QueryPrincipal, service: DocumentServiceDep) -> DocumentDetailPublic:
+    """A document with its jobs and current knowledge-module version."""
+    return service.get(document_id, principal.tenant)
+
+
+@router.delete("/{document_id}", status_code=HTTP_204_NO_CONTENT)
+def delete_document(document_id: int, principal: UploadPrincipal, service: DocumentServiceDep) -> None:
+    """Delete a document, cancel its unfinished jobs and drop its knowledge modules."""
+    service.delete(document_id, principal.tenant)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -11,6 +13,8 @@ from sqlalchemy import text
 from registry.db import current_revision
 from server.deps import StateDep
 from server.errors import error_body
+from server.services.admin_adapters import refresh_engine_metrics
+from server.services.jobs import refresh_queue_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -48,6 +52,10 @@ def readyz(state: StateDep) -> ReadyPublic | JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(request: Request) -> Response:
+async def metrics(request: Request, state: StateDep) -> Response:
     """Prometheus metrics in text format."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    collectors = request.app.state.metrics
+    # Engine stats are read on the event loop (the adapter cache lives there); the queue count is SQL.
+    refresh_engine_metrics(state, collectors)
+    await asyncio.to_thread(refresh_queue_metrics, state, collectors)
+    return Response(collectors.render(), media_type=CONTENT_TYPE_LATEST)

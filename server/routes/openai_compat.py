@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 
 from server.deps import QueryPrincipal, StateDep
-from server.routes.query import SSE_HEADERS, GenerationDep
+from server.routes.query import GenerationDep
 from server.schemas.openai import ChatCompletionCreate, CompletionCreate, ModelsPublic
 from server.services.openai_compat import OpenAIService
+from server.sse import event_stream_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -30,8 +30,7 @@ async def chat_completions(
     admission = await service.admit_chat(principal, body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(service.stream_chat(admission, include_usage), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return event_stream_response(service.stream_chat(admission, include_usage))
     return await service.chat(admission)
 
 
@@ -44,6 +43,5 @@ async def completions(
     admissions = await service.admit_completions(principal, body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(service.stream_completion(admissions[0], include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream_response(service.stream_completion(admissions[0], include_usage))
     return await service.completions(admissions)

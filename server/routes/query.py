@@ -11,10 +11,9 @@ from server.deps import QueryPrincipal
 from server.schemas.query import QueryCreate, QueryPublic
 from server.services.generation import GenerationService
 from server.services.query import QueryService
+from server.sse import event_stream_response
 
 router = APIRouter(prefix="/v1", tags=["query"])
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def get_generation(request: Request) -> GenerationService:
@@ -35,5 +34,5 @@ async def query(
     service = QueryService(generation)
     admission = await service.admit(principal, body)
     if body.stream:
-        return StreamingResponse(service.stream(admission), media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream_response(service.stream(admission))
     return await service.answer(admission)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +24,7 @@ from server.schemas.openai import (
     usage_dict,
 )
 from server.services.generation import Admission, GenerationService
+from server.sse import format_event
 from server.state import AppState
 
 MSG_UNSUPPORTED = "{field} is not supported by this server: {detail}"
@@ -137,28 +137,24 @@ class OpenAIService:
     async def _stream(self, admission: Admission, chunk: ChunkBuilder, include_usage: bool,
                       first: dict[str, Any] | None) -> AsyncIterator[str]:
         if first is not None:
-            yield _data(first)
+            yield format_event(first)
         try:
             async for part in self._generation.stream(admission):
                 for event in _events(part, chunk, include_usage):
                     yield event
         except RegistryError as exc:
-            yield _data({"error": {"code": exc.code, "message": exc.message}})
+            yield format_event({"error": {"code": exc.code, "message": exc.message}})
         yield "data: [DONE]\n\n"
 
 
 def _events(part: StreamChunk, chunk: ChunkBuilder, include_usage: bool) -> list[str]:
-    events = [_data(chunk(part.delta, None))] if part.delta else []
+    events = [format_event(chunk(part.delta, None))] if part.delta else []
     if part.final:
-        events.append(_data(chunk(None, part.finish_reason)))
+        events.append(format_event(chunk(None, part.finish_reason)))
         if include_usage and part.usage is not None:
-            events.append(_data({**chunk(None, None), "choices": [],
+            events.append(format_event({**chunk(None, None), "choices": [],
                                  "usage": usage_dict(part.usage.prompt_tokens, part.usage.completion_tokens)}))
     return events
-
-
-def _data(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def _id(prefix: str) -> str:

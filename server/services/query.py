@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +10,7 @@ from registry.errors import RegistryError
 from server.auth import Principal
 from server.schemas.query import QueryCreate, QueryPublic, UsagePublic
 from server.services.generation import Admission, GenerationService
+from server.sse import format_event as sse
 
 # The closed-book prompt of the knowledge-module paper's evaluation.
 CLOSED_BOOK_PROMPT = (
@@ -95,7 +95,3 @@ def _admit_ms(admission: Admission) -> float:
     return admission.timings_ms.get("resolve", 0.0) + admission.timings_ms.get("adapter", 0.0)
 
 
-def sse(data: object, *, event: str | None = None) -> str:
-    """One server-sent event with JSON data."""
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"

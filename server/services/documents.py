@@ -1,0 +1,152 @@
+"""Documents: store an upload and queue its training chain in one transaction; read, list and delete them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry import documents as document_repo
+from registry.adapters import km_lineage
+from registry.db import transaction, write_transaction
+from registry.errors import JobStateError
+from registry.models import Alias, Document, DocumentStatus, Job, JobStatus
+from registry.queue import JobSpec
+from server.schemas.documents import (
+    DocumentDetailPublic,
+    DocumentPublic,
+    DocumentsPublic,
+    DocumentUploadPublic,
+    KmPublic,
+    TrainOptions,
+)
+from server.schemas.jobs import JobPublic
+from server.services.document_files import CheckedDocument, DocumentUpload, check_document, check_train
+from server.state import AppState
+
+log = logging.getLogger(__name__)
+
+# The jobs each training method needs after ingest (which extracts, chunks and indexes the text for RAG).
+CHAINS: dict[str, tuple[str, ...]] = {
+    "none": ("ingest",),
+    "lm": ("ingest", "train_km"),
+    "ddcd": ("ingest", "train_km"),
+    "sdcd": ("ingest", "synthesize", "train_km"),
+}
+LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# Called with (tenant, document_id) after a document is deleted, e.g. to drop its vectors from the index.
+DeleteHook = Callable[[str, int], None]
+
+
+class DocumentService:
+    """Uploads, reads and deletes of one tenant's documents."""
+
+    def __init__(self, state: AppState, *, on_delete: Sequence[DeleteHook] = ()) -> None:
+        self._state = state
+        self._on_delete = tuple(on_delete)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The size limit of an upload."""
+        return self._state.settings.max_upload_bytes
+
+    def create(self, upload: DocumentUpload, tenant: str) -> DocumentUploadPublic:
+        """Store the upload and queue its jobs; the same content again returns the existing document."""
+        checked = check_document(upload, self.max_upload_bytes)
+        check_train(upload.train, self._state.settings.max_adapter_rank)
+        # Written before the row that names it: a crash in between leaves an orphan blob, which GC removes.
+        blob = self._state.store.put_blob(checked.data, checked.suffix)
+        with write_transaction(self._state.sessions) as session:
+            data = _document_create(checked, upload, blob.digest, blob.uri, tenant)
+            document, created = document_repo.create_document(session, data)
+            if created:
+                jobs = self._queue_chain(session, document, upload.train, blob.uri)
+            else:
+                jobs = _jobs_of(session, document.id)
+            detail = _detail(session, document, jobs)
+        return DocumentUploadPublic(**detail.model_dump(), created=created)
+
+    def list_documents(self, tenant: str, *, status: DocumentStatus | None, limit: int, offset: int) -> DocumentsPublic:
+        """A page of the tenant's documents, newest first."""
+        with transaction(self._state.sessions) as session:
+            documents, total = document_repo.list_documents(
+                session, tenant=tenant, status=status, limit=limit, offset=offset
+            )
+            kms = _kms(session, tenant, [d.id for d in documents])
+            data = [_public(d, kms.get(d.id)) for d in documents]
+        return DocumentsPublic(data=data, count=total)
+
+    def get(self, document_id: int, tenant: str) -> DocumentDetailPublic:
+        """One document with its jobs and current KM version."""
+        with transaction(self._state.sessions) as session:
+            document = document_repo.get_document(session, document_id, tenant=tenant)
+            return _detail(session, document, _jobs_of(session, document.id))
+
+    def delete(self, document_id: int, tenant: str) -> None:
+        """Cancel the document's unfinished jobs, then delete it with its KMs and their aliases."""
+        with transaction(self._state.sessions) as session:
+            document_repo.get_document(session, document_id, tenant=tenant)
+            live = [job.id for job in _jobs_of(session, document_id) if job.status in LIVE]
+        self._cancel(live)
+        with write_transaction(self._state.sessions) as session:
+            removed = document_repo.delete_document(session, document_id, tenant=tenant)
+        log.info("deleted document %s and %d adapter(s)", document_id, len(removed))
+        for hook in self._on_delete:
+            hook(tenant, document_id)
+
+    def _queue_chain(self, session: Session, document: Document, train: TrainOptions, blob_uri: str) -> list[Job]:
+        payload: dict[str, Any] = {
+            "blob_uri": blob_uri, "media_type": document.media_type, "train": train.model_dump(),
+        }
+        specs = [JobSpec(kind, dict(payload), tenant=document.tenant, document_id=document.id)
+                 for kind in CHAINS[train.method]]
+        return self._state.queue.add_chain(session, specs)
+
+    def _cancel(self, job_ids: Iterable[int]) -> None:
+        # Last first: a queued dependent is cancelled on its own rather than left waiting on a running job.
+        for job_id in sorted(job_ids, reverse=True):
+            with suppress(JobStateError):  # it ended meanwhile
+                self._state.queue.cancel(job_id)
+
+
+def _document_create(
+    checked: CheckedDocument, upload: DocumentUpload, digest: str, uri: str, tenant: str
+) -> document_repo.DocumentCreate:
+    # text_uri names the uploaded bytes (so GC keeps them); ingest replaces it with extracted text for PDFs.
+    return document_repo.DocumentCreate(
+        title=checked.title, content_hash=digest, size_bytes=len(checked.data), text_uri=uri,
+        source_name=checked.source_name, media_type=checked.media_type, metadata=dict(upload.metadata),
+        tenant=tenant,
+    )
+
+
+def _jobs_of(session: Session, document_id: int) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.document_id == document_id).order_by(Job.id)))
+
+
+def _kms(session: Session, tenant: str, document_ids: list[int]) -> dict[int, KmPublic]:
+    """The KM version each document's `km:<id>` alias points at."""
+    if not document_ids:
+        return {}
+    names = {km_lineage(document_id): document_id for document_id in document_ids}
+    stmt = select(Alias).where(Alias.tenant == tenant, Alias.name.in_(names))
+    return {names[a.name]: KmPublic(adapter_id=a.adapter_id, version=a.adapter.version)
+            for a in session.scalars(stmt).unique()}
+
+
+def _public(document: Document, km: KmPublic | None) -> DocumentPublic:
+    return DocumentPublic(
+        id=document.id, title=document.title, status=document.status, content_hash=document.content_hash,
+        size_bytes=document.size_bytes, media_type=document.media_type, source_name=document.source_name,
+        token_count=document.token_count, metadata=dict(document.metadata_), created_at=document.created_at, km=km,
+    )
+
+
+def _detail(session: Session, document: Document, jobs: list[Job]) -> DocumentDetailPublic:
+    public = _public(document, _kms(session, document.tenant, [document.id]).get(document.id))
+    return DocumentDetailPublic(**public.model_dump(), jobs=[JobPublic.model_validate(job) for job in jobs])
