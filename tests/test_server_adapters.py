@@ -12,7 +12,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from engines.errors import MSG_NOT_LOADED
 from engines.model_shapes import (
@@ -38,7 +37,7 @@ from server.services.adapter_uploads import (
 from server.services.admin_adapters import MSG_NOT_READY
 from server.state import AppState
 from tests.factories import make_adapter, make_document
-from tests.tiny import save_lora, tiny_llama
+from tests.tiny import save_lora, save_lora_for, tiny_llama
 
 MAX_RANK = 8
 MODEL_NAME = "kmserve-tiny"
@@ -56,19 +55,13 @@ class Response(Protocol):
     def json(self) -> Any: ...
 
 
-def _served_lora(model_dir: Path, out: Path, seed: int, **kwargs: Any) -> Path:
-    kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
-    kwargs.setdefault("r", 4)
-    return save_lora(out, seed, AutoModelForCausalLM.from_pretrained(model_dir), lora_alpha=8, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("loras")
     return {
-        "good": _served_lora(tiny_model_dir, root / "good", seed=1),
-        "good2": _served_lora(tiny_model_dir, root / "good2", seed=2),
-        "big_rank": _served_lora(tiny_model_dir, root / "big_rank", seed=3, r=16),
+        "good": save_lora_for(tiny_model_dir, root / "good", seed=1),
+        "good2": save_lora_for(tiny_model_dir, root / "good2", seed=2),
+        "big_rank": save_lora_for(tiny_model_dir, root / "big_rank", seed=3, r=16),
         "foreign": save_lora(root / "foreign", 4, tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"]),
     }
 
@@ -418,3 +411,17 @@ def test_base_module_shapes_reads_every_linear_layer(tiny_model_dir: Path) -> No
     assert shapes["model.layers.1.mlp.down_proj"] == (176, 64)
     assert shapes["model.layers.1.mlp.gate_proj"] == (64, 176)
     assert len([p for p in shapes if p.startswith("model.layers.")]) == 2 * 7
+
+
+def test_uploaded_km_answers_queries_that_report_its_version(
+    client: TestClient, admin: dict[str, str], loras: dict[str, Path]
+) -> None:
+    document_id = _document(client)
+    question = {"document_id": document_id, "question": "What is the capital of Varo?", "max_tokens": 6}
+    first = _km(client, admin, loras["good"], document_id)
+    answer = client.post("/v1/query", json=question, headers=admin)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["adapters"]["km"] == {"id": first["id"], "name": f"km:{document_id}", "version": 1}
+    second = _km(client, admin, loras["good2"], document_id)
+    again = client.post("/v1/query", json=question, headers=admin).json()
+    assert again["adapters"]["km"] == {"id": second["id"], "name": f"km:{document_id}", "version": 2}
