@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from registry.config import Settings, get_settings
 from server.bootstrap import ensure_admin_key
-from server.errors import install_error_handlers
+from server.errors import install_body_limit, install_error_handlers
 from server.metrics import ServerMetrics, install_metrics
 from server.routes import admin_access, admin_adapters, documents, health, jobs, openai_compat, query
 from server.services.adapters import AdapterService
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServerMetrics()
     install_error_handlers(app)
     install_metrics(app, app.state.metrics)
+    install_body_limit(app, settings.max_upload_bytes)
     app.include_router(health.router)
     for module in (documents, jobs, query, openai_compat, admin_adapters, admin_access):
         app.include_router(module.router)

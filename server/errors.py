@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,6 +17,19 @@ log = logging.getLogger(__name__)
 
 MSG_INTERNAL = "internal error; the server logged the details. Retry, and report it if it persists."
 MSG_VALIDATION = "request body or parameters are invalid: {detail}"
+MSG_TOO_LARGE = "the {what} is larger than the upload limit of {limit} bytes (KMSERVE_MAX_UPLOAD_BYTES); send less."
+# Multipart framing and form fields around the files of an upload.
+MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+class PayloadTooLargeError(RegistryError):
+    """An upload (document, adapter, or any request body) exceeds `max_upload_bytes`."""
+
+    code = "payload_too_large"
+    status = 413
+
+    def __init__(self, limit: int, what: str = "upload") -> None:
+        super().__init__(MSG_TOO_LARGE.format(what=what, limit=limit), limit=limit)
 
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
@@ -52,6 +66,21 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(error_body("internal_error", MSG_INTERNAL), status_code=500)
+
+
+def install_body_limit(app: FastAPI, limit: int) -> None:
+    """Refuse, before reading it, any request whose declared body is larger than the upload limit allows.
+
+    Routes that take uploads also count the bytes as they arrive (a chunked body declares no length).
+    """
+
+    @app.middleware("http")
+    async def _limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK_BYTES:
+            error = PayloadTooLargeError(limit, "request body")
+            return JSONResponse(error_body(error.code, error.message), status_code=error.status)
+        return await call_next(request)
 
 
 def install_error_handlers(app: FastAPI) -> None:

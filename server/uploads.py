@@ -15,13 +15,13 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
+from server.errors import PayloadTooLargeError
 from server.schemas.documents import DocumentCreate, DocumentForm, TrainOptions
 from server.services.document_files import (
     MSG_CONTENT_TYPE,
     MSG_NO_FILE,
     DocumentUpload,
     InvalidUploadError,
-    PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
 
@@ -47,7 +47,7 @@ def bounded_request(request: Request, cap: int, limit: int) -> Request:
     """The request with a body that raises PayloadTooLargeError(limit) once more than `cap` bytes arrived."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise PayloadTooLargeError(limit)
+        raise PayloadTooLargeError(limit, "document")
     received = 0
 
     async def receive() -> Message:
@@ -56,7 +56,7 @@ def bounded_request(request: Request, cap: int, limit: int) -> Request:
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > cap:
-                raise PayloadTooLargeError(limit)
+                raise PayloadTooLargeError(limit, "document")
         return message
 
     return Request(request.scope, receive)
@@ -98,7 +98,7 @@ async def read_bounded(file: UploadFile, limit: int) -> bytes:
     while chunk := await file.read(READ_CHUNK):
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLargeError(limit)
+            raise PayloadTooLargeError(limit, "document")
         chunks.append(chunk)
     return b"".join(chunks)
 

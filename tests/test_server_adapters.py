@@ -28,11 +28,11 @@ from registry.errors import MSG_ADAPTER_IN_USE, MSG_NOT_FOUND, MSG_UNSAFE_FORMAT
 from registry.models import AdapterStatus
 from server.app import create_app
 from server.auth import MSG_NO_SCOPE
+from server.errors import MSG_TOO_LARGE
 from server.services.adapter_uploads import (
     MSG_KM_NEEDS_DOCUMENT,
     MSG_LINEAGE_REQUIRED,
     MSG_MISSING_FILE,
-    MSG_TOO_LARGE,
 )
 from server.services.admin_adapters import MSG_NOT_READY
 from server.state import AppState
@@ -279,7 +279,7 @@ def test_upload_over_size_limit_is_413(app_settings: Settings, loras: dict[str, 
     with TestClient(create_app(app_settings.model_copy(update={"max_upload_bytes": limit}))) as small:
         headers = {"Authorization": f"Bearer {app_settings.admin_key_file.read_text().strip()}"}
         response = _upload(small, headers, loras["good"], kind="ke", lineage="ke:x")
-        assert _error(response, 413, "payload_too_large") == MSG_TOO_LARGE.format(limit=limit)
+        assert _error(response, 413, "payload_too_large") == MSG_TOO_LARGE.format(what="adapter", limit=limit)
         _assert_nothing_written(small, headers)
 
 

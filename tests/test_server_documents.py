@@ -19,6 +19,7 @@ from registry.errors import NotFoundError
 from registry.models import JobStatus
 from server.app import create_app
 from server.auth import MSG_NO_SCOPE
+from server.errors import MSG_TOO_LARGE
 from server.services.document_files import (
     MSG_CONTENT_TYPE,
     MSG_EMPTY,
@@ -27,7 +28,6 @@ from server.services.document_files import (
     MSG_NOT_PDF,
     MSG_NOT_TEXT,
     MSG_RANK,
-    MSG_TOO_LARGE,
     safe_basename,
 )
 from server.state import AppState
@@ -176,13 +176,14 @@ def test_same_content_returns_the_existing_document(client: TestClient, admin: d
 
 def test_oversized_upload_is_413_naming_the_limit(small_client: TestClient) -> None:
     headers = {"Authorization": f"Bearer {state_of(small_client).settings.admin_key_file.read_text().strip()}"}
-    message = MSG_TOO_LARGE.format(limit=SMALL_LIMIT)
+    message = MSG_TOO_LARGE.format(what="document", limit=SMALL_LIMIT)
     big = "x" * (SMALL_LIMIT + 1)
     assert_error(upload_file(small_client, headers, "big.txt", big.encode()), 413, "payload_too_large", message)
     assert_error(upload_json(small_client, headers, text=big), 413, "payload_too_large", message)
     declared = small_client.post("/v1/documents", content=b"{" + b" " * 300_000 + b"}",
                                  headers={**headers, "Content-Type": "application/json"})
-    assert_error(declared, 413, "payload_too_large", message)
+    # A declared length over the limit is refused by the body-limit middleware before anything is read.
+    assert_error(declared, 413, "payload_too_large", MSG_TOO_LARGE.format(what="request body", limit=SMALL_LIMIT))
     chunked = small_client.post("/v1/documents", content=iter([b"{" + b" " * 100_000] * 3),
                                 headers={**headers, "Content-Type": "application/json"})
     assert_error(chunked, 413, "payload_too_large", message)

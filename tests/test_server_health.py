@@ -110,3 +110,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60.0) 
         except httpx.TransportError:
             time.sleep(0.2)
     pytest.fail(f"{url} did not answer within {timeout}s")
+
+
+def test_declared_oversized_body_is_413_before_reading(app_settings: Settings) -> None:
+    from server.errors import MSG_TOO_LARGE, MULTIPART_SLACK_BYTES
+
+    limit = 1000
+    with TestClient(create_app(app_settings.model_copy(update={"max_upload_bytes": limit}))) as small:
+        body = b"x" * (limit + MULTIPART_SLACK_BYTES + 1)
+        response = small.post("/admin/adapters", content=body, headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 413
+    assert response.json()["error"]["message"] == MSG_TOO_LARGE.format(what="request body", limit=limit)

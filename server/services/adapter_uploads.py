@@ -16,6 +16,7 @@ from typing import BinaryIO
 from registry.adapter_files import CONFIG_NAME, WEIGHTS_NAME, refuse_pickles
 from registry.adapters import km_lineage
 from registry.errors import RegistryError
+from server.errors import PayloadTooLargeError
 from server.schemas.adapters import AdapterUploadKind
 
 COPY_CHUNK_BYTES = 1 << 20
@@ -24,7 +25,6 @@ NO_ALIAS = frozenset({"false", "none"})
 # Lineages and aliases appear in URLs and in model names ("km:1+ke:name"): no '/', no '+', no spaces.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 
-MSG_TOO_LARGE = "the upload is larger than {limit} bytes (KMSERVE_MAX_UPLOAD_BYTES); send a smaller adapter."
 MSG_MISSING_FILE = (
     "the upload lacks {names}; send the files adapter_config (adapter_config.json) and adapter_model "
     "(adapter_model.safetensors), or both in a `files` list under those names."
@@ -40,16 +40,6 @@ class InvalidUploadError(RegistryError):
 
     code = "invalid_upload"
     status = 422
-
-
-class UploadTooLargeError(RegistryError):
-    """The uploaded files exceed the configured size limit."""
-
-    code = "payload_too_large"
-    status = 413
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(MSG_TOO_LARGE.format(limit=limit), limit=limit)
 
 
 @dataclass(frozen=True)
@@ -126,6 +116,6 @@ def _copy(part: UploadPart, target: Path, budget: int, limit: int) -> int:
         while chunk := part.stream.read(COPY_CHUNK_BYTES):
             written += len(chunk)
             if written > budget:
-                raise UploadTooLargeError(limit)
+                raise PayloadTooLargeError(limit, "adapter")
             out.write(chunk)
     return written

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from registry.errors import RegistryError
+from server.errors import PayloadTooLargeError
 from server.schemas.documents import TITLE_MAX, TrainOptions
 
 MEDIA_TYPES = {".txt": "text/plain", ".md": "text/markdown", ".pdf": "application/pdf"}
@@ -21,7 +22,6 @@ MAX_CONTROL_SHARE = 0.05
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-MSG_TOO_LARGE = "the document is larger than the upload limit of {limit} bytes; split it or raise the limit."
 MSG_EXTENSION = "{name!r} is not a supported document type; upload a .txt, .md or .pdf file."
 MSG_NOT_TEXT = "{name} is not UTF-8 text (it holds binary data); upload plain UTF-8 text, Markdown or a PDF."
 MSG_NOT_PDF = "{name} does not start with %PDF- so it is not a PDF; upload the PDF itself or its text as .txt."
@@ -29,16 +29,6 @@ MSG_CONTENT_TYPE = "send the document as multipart/form-data (field 'file') or a
 MSG_EMPTY = "the document is empty; upload a file or text with content."
 MSG_NO_FILE = "the multipart form has no file in field 'file'; send the document as a file named 'file'."
 MSG_RANK = "train.rank {rank} is larger than this server's limit of {limit}; choose a smaller rank."
-
-
-class PayloadTooLargeError(RegistryError):
-    """The upload exceeds `max_upload_bytes`."""
-
-    code = "payload_too_large"
-    status = 413
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(MSG_TOO_LARGE.format(limit=limit), limit=limit)
 
 
 class UnsupportedMediaTypeError(RegistryError):
@@ -99,7 +89,7 @@ def safe_basename(filename: str) -> str:
 def check_document(upload: DocumentUpload, limit: int) -> CheckedDocument:
     """The upload's bytes checked against the size limit, its type and emptiness; a typed error otherwise."""
     if len(upload.data) > limit:
-        raise PayloadTooLargeError(limit)
+        raise PayloadTooLargeError(limit, "document")
     if upload.filename is None:
         check_text(upload.data, "the text")
         return CheckedDocument(upload.data, MEDIA_TYPES[".txt"], ".txt", None, upload.title or "untitled")
