@@ -101,6 +101,15 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def head_revision() -> str:
+    """The newest migration revision shipped with this code."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
 def current_revision(engine: Engine) -> str | None:
     """The Alembic revision the database is at (None when never migrated)."""
     from alembic.runtime.migration import MigrationContext

@@ -131,6 +131,8 @@ class Document(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     token_count: Mapped[int | None] = mapped_column(Integer, default=None)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # Store URIs of what jobs derived from the document: normalized text, chunks, synthetic data (by key).
+    artifacts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[DocumentStatus] = mapped_column(_enum(DocumentStatus), default=DocumentStatus.PENDING)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from registry.config import Settings
+from registry.db import head_revision
 from server.app import create_app
 
 
@@ -35,7 +36,7 @@ def test_healthz(client: TestClient) -> None:
 
 def test_readyz_reports_migrated_database(client: TestClient) -> None:
     body = client.get("/readyz").json()
-    assert body == {"status": "ready", "database": "sqlite", "schema_revision": "0001"}
+    assert body == {"status": "ready", "database": "sqlite", "schema_revision": head_revision()}
 
 
 def test_metrics_is_prometheus_text(client: TestClient) -> None:
@@ -91,7 +92,7 @@ def test_kmserve_up_serves_healthz_over_http(tmp_path: Path) -> None:
         body = _wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
         assert body == {"status": "ok"}
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
-        assert ready["schema_revision"] == "0001"
+        assert ready["schema_revision"] == head_revision()
         assert (tmp_path / "kms" / "kmserve.db").exists()
     finally:
         proc.terminate()
