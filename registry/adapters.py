@@ -161,7 +161,23 @@ def referenced_digests(session: Session) -> set[str]:
 
 
 def referenced_uris(session: Session) -> set[str]:
-    """Every store URI the registry still references: adapter directories and document texts."""
+    """Every store URI the registry still references: adapters, uploads, and what jobs derived from documents."""
     uris = set(session.scalars(select(Adapter.uri).distinct()).all())
-    uris.update(u for u in session.scalars(select(Document.text_uri).distinct()).all() if u)
+    for text_uri, artifacts in session.execute(select(Document.text_uri, Document.artifacts)):
+        if text_uri:
+            uris.add(text_uri)
+        uris.update(_strings(artifacts))
+    for metrics in session.scalars(select(Adapter.metrics)):
+        uris.update(value for key, value in (metrics or {}).items() if key.endswith("_uri") and isinstance(value, str))
     return uris
+
+
+def _strings(value: Any) -> set[str]:
+    """Every string inside a JSON value (artifact records hold URIs at varying depths)."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(_strings(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_strings(v) for v in value))
+    return set()

@@ -36,6 +36,7 @@ from registry.queue_types import (
     MSG_NO_CANCEL_REQUESTED,
     MSG_NOT_CANCELLABLE,
     MSG_NOT_RETRYABLE,
+    MSG_RELEASED_WHILE_CANCELLING,
     WORKER_ID_MAX,
     HeartbeatResult,
     JobEventType,
@@ -230,6 +231,25 @@ class JobQueue:
                 self._schedule_retry(session, job, now, error)
             else:
                 self._finish(session, job, JobStatus.FAILED, now, error=error)
+            return job
+
+    def release(self, job_id: int, worker_id: str) -> Job:
+        """Give a held job back (worker shutting down): queued again at once, the claim's attempt not counted.
+
+        A job with a pending cancel ends cancelled instead: giving it back would only run it again.
+        """
+        with self._write() as session:
+            job, now = self._owned(session, job_id, worker_id), self._clock()
+            if job.cancel_requested:
+                self._finish(session, job, JobStatus.CANCELLED, now, MSG_RELEASED_WHILE_CANCELLING, worker=worker_id)
+                return job
+            # Preemption is not a failure: return the attempt the claim took, so shutdowns never exhaust a job.
+            job.attempts = max(job.attempts - 1, 0)
+            job.status, job.run_after = JobStatus.QUEUED, now
+            job.lease_owner = job.lease_expires_at = None
+            self._last_progress_event.pop(job_id, None)
+            session.add(new_event(job, JobEventType.RELEASED, now, worker=worker_id, attempts=job.attempts,
+                                  progress=job.progress))
             return job
 
     def mark_cancelled(self, job_id: int, worker_id: str) -> Job:

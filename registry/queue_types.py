@@ -11,6 +11,7 @@ from typing import Any
 from registry.models import DEFAULT_TENANT, JobStatus
 
 MSG_LEASE_EXPIRED = "lease expired"
+MSG_RELEASED_WHILE_CANCELLING = "the worker stopped while a cancel was pending; the job ends cancelled."
 MSG_DEPENDENCY_ENDED = "dependency job {job_id} {status}; this job runs only if job {job_id} is retried."
 MSG_NOT_CANCELLABLE = "only queued or running jobs can be cancelled."
 MSG_NOT_RETRYABLE = "only failed or cancelled jobs can be retried."
@@ -35,6 +36,7 @@ class JobEventType(enum.StrEnum):
     CANCEL_REQUESTED = "cancel_requested"
     CANCELLED = "cancelled"
     RECLAIMED = "reclaimed"
+    RELEASED = "released"
 
 
 @dataclass(frozen=True)

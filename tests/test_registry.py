@@ -156,11 +156,14 @@ def test_update_metrics_merges(session: Session) -> None:
 
 
 def test_referenced_digests_and_uris(session: Session) -> None:
-    adapter = make_adapter(session)
+    adapter = make_adapter(session, metrics={"loss_curve_uri": "store://blobs/curve.png", "steps": 3})
     doc = make_document(session, text_uri="store://blobs/abc")
+    doc.artifacts = {"chunks": "store://blobs/chunks", "synthetic": {"k1": {"uri": "store://blobs/syn", "n": 2}}}
+    session.flush()
     assert adapter.sha256 in adapter_repo.referenced_digests(session)
     uris = adapter_repo.referenced_uris(session)
     assert adapter.uri in uris and doc.text_uri in uris
+    assert {"store://blobs/chunks", "store://blobs/syn", "store://blobs/curve.png"} <= uris
 
 
 # --- aliases ----------------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ job to the queue. A background heartbeat keeps the lease alive through long step
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from registry.errors import LeaseLostError
 from registry.models import Job
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
     from registry.config import Settings
     from registry.queue import JobQueue
     from registry.store import AdapterStore
+
+_T = TypeVar("_T")
+
+
+class AsyncRunner(Protocol):
+    """Runs a coroutine to completion from synchronous code, on the event loop the worker's engine lives on."""
+
+    def __call__(self, coro: Coroutine[Any, Any, _T], /) -> _T: ...
 
 
 class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
@@ -51,6 +60,7 @@ class JobContext:
     stop_event: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
     cancel_seen: threading.Event = field(default_factory=threading.Event)
+    async_runner: AsyncRunner | None = None
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -85,3 +95,9 @@ class JobContext:
     def engine(self) -> Engine:
         """The generation engine of this worker (loaded once, shared by jobs)."""
         return self.engine_provider()
+
+    def run_async(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run a coroutine such as `engine.generate(...)` on the worker's event loop (a fresh one when it has none)."""
+        if self.async_runner is None:
+            return asyncio.run(coro)
+        return self.async_runner(coro)
