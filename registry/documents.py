@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry.errors import NotFoundError
+from registry.errors import DuplicateError, NotFoundError
 from registry.models import DEFAULT_TENANT, Adapter, Alias, Document, DocumentStatus
 
 
@@ -97,6 +97,30 @@ def update_document(
         document.text_uri = text_uri
     session.flush()
     return document
+
+
+def revise_document(session: Session, document_id: int, data: DocumentCreate) -> tuple[Document, bool]:
+    """Give a document new content (a new revision); the flag is False when the content did not change.
+
+    Derived artifacts are dropped (they describe the old text); the KM lineage stays, so the next training
+    registers the next version and the current one keeps serving until then. DuplicateError when another of the
+    tenant's documents already has this content.
+    """
+    document = get_document(session, document_id, tenant=data.tenant)
+    if document.content_hash == data.content_hash:
+        return document, False
+    other = find_by_hash(session, data.content_hash, tenant=data.tenant)
+    if other is not None:
+        raise DuplicateError("document with this content", other.id)
+    document.content_hash, document.size_bytes, document.text_uri = data.content_hash, data.size_bytes, data.text_uri
+    document.media_type, document.source_name = data.media_type, data.source_name
+    document.title = data.title or document.title
+    if data.metadata:
+        document.metadata_ = dict(data.metadata)
+    document.artifacts, document.token_count, document.status = {}, None, DocumentStatus.PENDING
+    document.revision += 1
+    session.flush()
+    return document, True
 
 
 def delete_document(session: Session, document_id: int, *, tenant: str = DEFAULT_TENANT) -> list[Adapter]:

@@ -238,3 +238,26 @@ def test_revoke_foreign_key_not_found(session: Session) -> None:
     key, _ = key_repo.create_api_key(session, "t", ["query"], tenant="other")
     with pytest.raises(NotFoundError):
         key_repo.revoke_api_key(session, key.id)
+
+
+def test_revise_document_keeps_its_id_and_drops_derived_artifacts(session: Session) -> None:
+    doc = make_document(session, tenant="rev")
+    doc.artifacts = {"chunks": "store://blobs/old"}
+    new = doc_repo.DocumentCreate("v2 title", doc_repo.content_hash("new text"), 8, text_uri="store://blobs/new",
+                                  tenant="rev")
+    revised, changed = doc_repo.revise_document(session, doc.id, new)
+    assert changed
+    assert (revised.id, revised.revision, revised.title, revised.artifacts) == (doc.id, 2, "v2 title", {})
+    assert revised.status is DocumentStatus.PENDING
+    again, changed_again = doc_repo.revise_document(session, doc.id, new)
+    assert not changed_again and again.revision == 2
+
+
+def test_revise_to_another_documents_content_is_refused(session: Session) -> None:
+    from registry.errors import DuplicateError
+
+    first = make_document(session, tenant="rev2")
+    second = make_document(session, tenant="rev2")
+    clash = doc_repo.DocumentCreate("x", first.content_hash, 1, tenant="rev2")
+    with pytest.raises(DuplicateError):
+        doc_repo.revise_document(session, second.id, clash)

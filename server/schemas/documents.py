@@ -62,6 +62,7 @@ class DocumentPublic(BaseModel):
     source_name: str | None
     token_count: int | None
     metadata: dict[str, Any]
+    revision: int = Field(description="1 at upload; +1 each time PUT /v1/documents/{id} gives it new content.")
     created_at: datetime
     km: KmPublic | None
 

@@ -71,6 +71,28 @@ class DocumentService:
             detail = _detail(session, document, jobs)
         return DocumentUploadPublic(**detail.model_dump(), created=created)
 
+    def revise(self, document_id: int, upload: DocumentUpload, tenant: str) -> DocumentUploadPublic:
+        """New content for an existing document: its jobs run again and its KM gets the next version.
+
+        Unchanged content returns the document as it is. The current KM keeps serving until the new one is
+        trained and verified; unfinished jobs of the old revision are cancelled first.
+        """
+        checked = check_document(upload, self.max_upload_bytes)
+        check_train(upload.train, self._state.settings.max_adapter_rank)
+        blob = self._state.store.put_blob(checked.data, checked.suffix)
+        with transaction(self._state.sessions) as session:
+            current = document_repo.get_document(session, document_id, tenant=tenant)
+            live = [] if current.content_hash == blob.digest else [
+                job.id for job in _jobs_of(session, document_id) if job.status in LIVE]
+        self._cancel(live)
+        with write_transaction(self._state.sessions) as session:
+            data = _document_create(checked, upload, blob.digest, blob.uri, tenant)
+            document, changed = document_repo.revise_document(session, document_id, data)
+            if changed:
+                self._queue_chain(session, document, upload.train, blob.uri)
+            detail = _detail(session, document, _jobs_of(session, document.id))
+        return DocumentUploadPublic(**detail.model_dump(), created=False)
+
     def list_documents(self, tenant: str, *, status: DocumentStatus | None, limit: int, offset: int) -> DocumentsPublic:
         """A page of the tenant's documents, newest first."""
         with transaction(self._state.sessions) as session:
@@ -143,7 +165,8 @@ def _public(document: Document, km: KmPublic | None) -> DocumentPublic:
     return DocumentPublic(
         id=document.id, title=document.title, status=document.status, content_hash=document.content_hash,
         size_bytes=document.size_bytes, media_type=document.media_type, source_name=document.source_name,
-        token_count=document.token_count, metadata=dict(document.metadata_), created_at=document.created_at, km=km,
+        token_count=document.token_count, metadata=dict(document.metadata_), revision=document.revision,
+        created_at=document.created_at, km=km,
     )
 
 

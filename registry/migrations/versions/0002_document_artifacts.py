@@ -1,4 +1,4 @@
-"""document artifacts: store URIs of derived text, chunks and synthetic data
+"""document artifacts (store URIs of derived text, chunks and synthetic data) and revision number
 
 Revision ID: 0002
 Revises: 0001
@@ -18,8 +18,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("documents", schema=None) as batch_op:
         batch_op.add_column(sa.Column("artifacts", sa.JSON(), nullable=False, server_default="{}"))
+        batch_op.add_column(sa.Column("revision", sa.Integer(), nullable=False, server_default="1"))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("documents", schema=None) as batch_op:
+        batch_op.drop_column("revision")
         batch_op.drop_column("artifacts")
