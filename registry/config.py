@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     )
     qdrant_url: str | None = Field(None, description="Qdrant server URL; unset = embedded local folder.")
     qdrant_api_key: SecretStr | None = Field(None, description="API key for the Qdrant server.")
+    embedding_model: str | None = Field(
+        None, description="Local sentence-transformers directory for retrieval; unset = the bundled all-MiniLM-L6-v2."
+    )
+    embedding_batch_size: int = Field(64, ge=1, description="Texts per forward pass when embedding chunks.")
+    embedding_device: str = Field("auto", description="Device of the embedder: auto (cuda when present), cpu, cuda.")
     base_model: str | None = Field(
         None, description="HF model id or local path of the generator; unset = the built-in default model."
     )
@@ -64,6 +69,11 @@ class Settings(BaseSettings):
     def resolved_store_url(self) -> str:
         """The adapter store root, defaulting to `store/` under the data dir."""
         return self.store_url or str((self.data_dir / "store").resolve())
+
+    @property
+    def qdrant_path(self) -> Path:
+        """The embedded Qdrant folder (used when no Qdrant server URL is set)."""
+        return self.data_dir / "qdrant"
 
     @property
     def admin_key_file(self) -> Path:

@@ -18,6 +18,15 @@ MSG_DUPLICATE = "{what} {ref} already exists."
 MSG_INVALID_SCOPE = "unknown scope {scope!r}; use one of {allowed}."
 MSG_JOB_STATE = "job {job_id} is {status}; {detail}"
 MSG_LEASE_LOST = "job {job_id} is no longer leased to {worker}; stop working on it."
+MSG_INDEX_LOCKED = (
+    "the embedded vector index {path} is open in another process; run server and worker as one process "
+    "(`kmserve up`), or set KMSERVE_QDRANT_URL to a Qdrant server shared by all processes."
+)
+MSG_INDEX_UNAVAILABLE = "the vector index is unavailable ({detail}); check KMSERVE_QDRANT_URL and the Qdrant server."
+MSG_VECTOR_SIZE = (
+    "collection {collection} holds {found}-dimensional vectors but {expected} were given; re-index the documents "
+    "or set KMSERVE_EMBEDDING_MODEL back to the model that built the index."
+)
 
 
 class RegistryError(Exception):
@@ -136,3 +145,39 @@ class InvalidScopeError(RegistryError):
 
     def __init__(self, scope: str, allowed: list[str]) -> None:
         super().__init__(MSG_INVALID_SCOPE.format(scope=scope, allowed=", ".join(allowed)))
+
+
+class VectorIndexError(RegistryError):
+    """Base of the vector index's errors: the index cannot serve the request right now."""
+
+    code = "vector_index_error"
+    status = 503
+
+
+class IndexLockedError(VectorIndexError):
+    """The embedded (local-folder) Qdrant index is held by another process; local mode admits one client."""
+
+    code = "vector_index_locked"
+
+    def __init__(self, path: object) -> None:
+        super().__init__(MSG_INDEX_LOCKED.format(path=path), path=str(path))
+
+
+class IndexUnavailableError(VectorIndexError):
+    """The Qdrant server did not answer or answered with an error."""
+
+    code = "vector_index_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(MSG_INDEX_UNAVAILABLE.format(detail=detail))
+
+
+class VectorSizeError(VectorIndexError):
+    """Vectors of another dimension than the collection holds (the embedding model changed)."""
+
+    code = "vector_size_mismatch"
+    status = 409
+
+    def __init__(self, collection: str, found: int, expected: int) -> None:
+        super().__init__(MSG_VECTOR_SIZE.format(collection=collection, found=found, expected=expected),
+                         collection=collection)

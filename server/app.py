@@ -14,6 +14,7 @@ from server.metrics import ServerMetrics, install_metrics
 from server.routes import admin_access, admin_adapters, documents, health, jobs, openai_compat, query
 from server.services.adapters import AdapterService
 from server.services.generation import GenerationService
+from server.services.retrieval import RetrievalService
 from server.state import AppState
 
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.kmserve = state
         app.state.adapter_service = AdapterService(state)
         app.state.generation = GenerationService(state, app.state.adapter_service, app.state.metrics)
+        app.state.retrieval = RetrievalService(state)
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from registry.api_keys import Scope
 from server.auth import Principal, authenticate_request, require
 from server.services.adapters import AdapterService
+from server.services.retrieval import RetrievalService
 from server.state import AppState
 
 
@@ -28,6 +29,15 @@ def get_adapter_service(request: Request) -> AdapterService:
 
 
 AdapterServiceDep = Annotated[AdapterService, Depends(get_adapter_service)]
+
+
+def get_retrieval(request: Request) -> RetrievalService:
+    """The retrieve stage: the app's vector index and embedder, opened on first use."""
+    service: RetrievalService = request.app.state.retrieval
+    return service
+
+
+RetrievalDep = Annotated[RetrievalService, Depends(get_retrieval)]
 
 
 def get_principal(request: Request, state: StateDep) -> Principal:

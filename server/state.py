@@ -1,7 +1,8 @@
-"""What the app holds for its lifetime: settings, database, adapter store, job queue and generation engine."""
+"""What the app holds for its lifetime: settings, database, adapter store, job queue, generation engine, retrieval."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,8 @@ from registry.store import AdapterStore
 
 if TYPE_CHECKING:
     from engines.base import Engine
+    from engines.embedder import Embedder
+    from registry.vector_index import VectorIndex
 
 DEFAULT_MODEL_ID = "kmserve-tiny"
 
@@ -33,6 +36,10 @@ class AppState:
     # Verified local directories of adapters the generator holds, by registry id: reused while resident,
     # verified again through the store once evicted.
     verified_paths: dict[int, Path] = field(default_factory=dict)
+    # Retrieval: opened on the first RAG query or document delete, so a start-up loads neither.
+    vector_index: VectorIndex | None = None
+    embedder: Embedder | None = None
+    _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def start(cls, settings: Settings) -> AppState:
@@ -57,6 +64,24 @@ class AppState:
             raise EngineUnavailableError("generator", "it is not started on this server")
         return self.generator
 
+    def require_vector_index(self) -> VectorIndex:
+        """The process's shared vector index, opened on first use (IndexLockedError: another process holds it)."""
+        with self._retrieval_lock:
+            if self.vector_index is None:
+                from registry.vector_index import VectorIndex
+
+                self.vector_index = VectorIndex.open(self.settings)
+            return self.vector_index
+
+    def require_embedder(self) -> Embedder:
+        """The process's shared embedder (its model loads on the first embedding)."""
+        with self._retrieval_lock:
+            if self.embedder is None:
+                from engines.embedder import shared_embedder
+
+                self.embedder = shared_embedder(self.settings)
+            return self.embedder
+
     async def start_generator(self) -> None:
         """Load the base model into the configured engine."""
         import asyncio
@@ -66,7 +91,10 @@ class AppState:
         self.generator = await asyncio.to_thread(create_engine, self.settings)
 
     async def close(self) -> None:
-        """Stop the engine and release database connections."""
+        """Stop the engine, release the vector index and database connections."""
         if self.generator is not None:
             await self.generator.close()
+        if self.vector_index is not None:
+            self.vector_index.close()
+            self.vector_index = None
         self.engine.dispose()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +22,6 @@ from registry.store import AdapterStore
 from tests.worker_proc import fast_config
 from trainer_worker import ingest
 from trainer_worker.artifacts import Chunk, read_chunks
-from trainer_worker.context import JobContext
 from trainer_worker.ingest import MSG_CHUNKING, token_windows
 from trainer_worker.text_extract import (
     MSG_NOT_UTF8,
@@ -164,15 +165,31 @@ def test_markdown_keeps_its_text(uploads: Uploads) -> None:
     assert job.result["train_chunks"] == 1 and job.result["retrieval_chunks"] == 1
 
 
-def test_retrieval_chunks_reach_the_index_hooks(uploads: Uploads, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[int, int]] = []
+def test_retrieval_chunks_are_indexed_and_recorded(uploads: Uploads, settings: Settings) -> None:
+    from registry.vector_index import VectorIndex
 
-    def record(ctx: JobContext, document: Document, chunks: list[Chunk]) -> None:
-        seen.append((document.id, len(chunks)))
-
-    monkeypatch.setattr(ingest, "INDEX_HOOKS", [record])
     job, document = uploads.ingest(SENTENCE.format(n=1).encode() * 4, "text/plain", ".txt", **CHUNKING)
-    assert seen == [(document.id, job.result["retrieval_chunks"])]
+    count = job.result["retrieval_chunks"]
+    assert document.artifacts["index"] == {"status": "indexed", "points": count}
+    with VectorIndex.open(settings) as index:
+        assert len(index.point_ids(document.tenant, document.id)) == count
+
+
+def test_a_locked_index_skips_indexing_but_ingest_succeeds(uploads: Uploads, settings: Settings) -> None:
+    from registry.errors import MSG_INDEX_LOCKED
+    from tests.test_vector_index import HOLDER
+
+    settings.qdrant_path.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(settings.qdrant_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        job, document = uploads.ingest(SENTENCE.format(n=2).encode() * 4, "text/plain", ".txt", **CHUNKING)
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert document.artifacts["index"]["status"] == "skipped"
+    assert document.artifacts["index"]["reason"] == MSG_INDEX_LOCKED.format(path=settings.qdrant_path)
 
 
 # -- PDFs -------------------------------------------------------------------------------------------------------

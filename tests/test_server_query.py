@@ -101,8 +101,9 @@ def test_km_still_training_is_409_with_the_job(client: TestClient, state: AppSta
         "code": "km_not_ready", "message": MSG_TRAINING.format(document_id=km.document_id, job_id=job.id)}
 
 
-def test_rag_and_compress_stages_are_a_clear_400(client: TestClient, state: AppState) -> None:
-    for extra, stage, field in (({"rag": {"top_k": 3}}, "retrieval", "rag"),
+def test_rerank_and_compress_stages_are_a_clear_400(client: TestClient, state: AppState) -> None:
+    for extra, stage, field in (({"rag": {"top_k": 3, "rerank": True, "document_ids": [1]}}, "reranking",
+                                 "rag.rerank"),
                                 ({"compress": "extractive"}, "compression", "compress")):
         response = client.post("/v1/query", json={"km": state.base_model_id, "question": "q", **extra},
                                headers=admin_headers(state))

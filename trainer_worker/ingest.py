@@ -8,6 +8,7 @@ without re-tokenizing. `chunk_tokens`, `overlap` and `retrieval_tokens` in the p
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,9 +28,8 @@ MSG_CHUNKING = "invalid chunking option {field}: {detail}"
 MSG_NO_BLOB = "the ingest job names no uploaded bytes (payload blob_uri) and the document has no text_uri."
 MSG_BLOB_UNREADABLE = "the uploaded bytes at {uri} cannot be read ({detail}); upload the document again."
 
-# Called after the chunks are stored, with the retrieval chunks: where the RAG index gets filled.
-IndexHook = Callable[[JobContext, Document, list[Chunk]], None]
-INDEX_HOOKS: list[IndexHook] = []
+log = logging.getLogger(__name__)
+MSG_NOT_INDEXED = "not indexed for retrieval: {detail}"
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,21 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> Tokenized:
     return Tokenized(text, list(encoded["input_ids"]), None, tokenizer.decode)
 
 
-def index_retrieval_chunks(ctx: JobContext, document: Document, chunks: list[Chunk]) -> None:
-    """Hand the retrieval chunks to every registered index hook (embedding + vector index); none by default."""
-    for hook in INDEX_HOOKS:
-        hook(ctx, document, chunks)
+def index_retrieval_chunks(ctx: JobContext, document: Document, chunks: list[Chunk]) -> dict[str, Any]:
+    """Embed the retrieval chunks into the vector index; the outcome is recorded on the document.
+
+    A worker process that cannot open the embedded index (the server process owns its folder: run `kmserve up`,
+    or set KMSERVE_QDRANT_URL) skips indexing rather than failing: the knowledge module can still be trained.
+    """
+    from engines.indexing import index_document
+    from registry.errors import IndexLockedError
+
+    try:
+        points = index_document(ctx.settings, document.tenant, document.id, chunks)
+    except IndexLockedError as exc:
+        log.warning(MSG_NOT_INDEXED.format(detail=exc.message))
+        return {"status": "skipped", "reason": exc.message}
+    return {"status": "indexed", "points": points}
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -147,16 +158,18 @@ def _ingest(ctx: JobContext, document: Document) -> dict[str, Any]:
         retrieval_tokens=chunking.retrieval_tokens, retrieval_overlap=chunking.retrieval_overlap,
     )
     ctx.report(0.6, "storing text and chunks")
-    uris = {"text": ctx.store.put_blob(text.encode("utf-8"), ".txt").uri,
+    uris: dict[str, Any] = {"text": ctx.store.put_blob(text.encode("utf-8"), ".txt").uri,
             "chunks": artifacts.put_json(ctx.store, chunk_set.to_json(), ".chunks.json")}
-    index_retrieval_chunks(ctx, document, chunk_set.retrieval_chunks)
+    ctx.report(0.7, "indexing for retrieval")
+    uris["index"] = index_retrieval_chunks(ctx, document, chunk_set.retrieval_chunks)
     # A document that already has a knowledge module stays ready while it is re-ingested.
     artifacts.update_document(ctx, uris, status=DocumentStatus.INGESTED, token_count=len(tokenized.ids),
                               keep_status=(DocumentStatus.READY,))
     counts = {"token_count": len(tokenized.ids), "characters": len(text),
               "train_chunks": len(chunk_set.train_chunks), "retrieval_chunks": len(chunk_set.retrieval_chunks)}
     ctx.report(1.0, "ingested", metrics=counts)
-    return {**counts, "text_uri": uris["text"], "chunks_uri": uris["chunks"], "tokenizer": model}
+    return {**counts, "text_uri": uris["text"], "chunks_uri": uris["chunks"], "tokenizer": model,
+            "index": uris["index"]}
 
 
 def _read_upload(ctx: JobContext, document: Document) -> bytes:

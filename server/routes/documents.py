@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.status import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from registry.models import DocumentStatus
-from server.deps import QueryPrincipal, StateDep, UploadPrincipal
+from server.deps import QueryPrincipal, RetrievalDep, StateDep, UploadPrincipal
 from server.schemas.documents import DocumentDetailPublic, DocumentsPublic, DocumentUploadPublic, upload_openapi
 from server.services.documents import DocumentService
 from server.uploads import read_document_upload
@@ -17,9 +17,9 @@ from server.uploads import read_document_upload
 router = APIRouter(prefix="/v1/documents", tags=["documents"])
 
 
-def get_document_service(state: StateDep) -> DocumentService:
-    """The document service over the app's state."""
-    return DocumentService(state)
+def get_document_service(state: StateDep, retrieval: RetrievalDep) -> DocumentService:
+    """The document service over the app's state; a deleted document's vectors leave the index with it."""
+    return DocumentService(state, on_delete=[retrieval.forget_document])
 
 
 DocumentServiceDep = Annotated[DocumentService, Depends(get_document_service)]
@@ -43,6 +43,22 @@ async def upload_document(
     if not created.created:
         response.status_code = HTTP_200_OK
     return created
+
+
+@router.put("/{document_id}", response_model=DocumentUploadPublic, status_code=HTTP_202_ACCEPTED,
+            responses={**UPLOAD_RESPONSES, 200: {"model": DocumentUploadPublic, "description": "Content unchanged."},
+                       409: {"description": "Another document already has this content."}},
+            openapi_extra=upload_openapi())
+async def revise_document(
+    document_id: int, request: Request, response: Response, principal: UploadPrincipal, service: DocumentServiceDep
+) -> DocumentUploadPublic:
+    """Give a document new content: it is ingested and trained again, and its KM gets the next version."""
+    upload = await read_document_upload(request, service.max_upload_bytes)
+    before = await run_in_threadpool(service.get, document_id, principal.tenant)
+    revised = await run_in_threadpool(service.revise, document_id, upload, principal.tenant)
+    if revised.revision == before.revision:
+        response.status_code = HTTP_200_OK
+    return revised
 
 
 @router.get("", response_model=DocumentsPublic)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.deps import QueryPrincipal
+from server.deps import QueryPrincipal, RetrievalDep
 from server.schemas.query import QueryCreate, QueryPublic
 from server.services.generation import GenerationService
 from server.services.query import QueryService
@@ -28,10 +28,10 @@ GenerationDep = Annotated[GenerationService, Depends(get_generation)]
 @router.post("/query", response_model=QueryPublic,
              responses={200: {"content": {"text/event-stream": {}}, "description": "SSE when stream=true"}})
 async def query(
-    body: QueryCreate, principal: QueryPrincipal, generation: GenerationDep
+    body: QueryCreate, principal: QueryPrincipal, generation: GenerationDep, retrieval: RetrievalDep
 ) -> QueryPublic | StreamingResponse:
-    """Answer a question about a document without the document in the prompt (stream=true: SSE)."""
-    service = QueryService(generation)
+    """Answer a question about a document through its knowledge module, optionally with retrieved passages."""
+    service = QueryService(generation, retrieval)
     admission = await service.admit(principal, body)
     if body.stream:
         return event_stream_response(service.stream(admission))

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+KM_NAME = re.compile(r"^km:(\d+)(?:\+|$)")
+MSG_RAG_TARGET = "rag needs documents to search: give document_id, km 'km:<document_id>', or rag.document_ids."
+
 
 class RagOptions(BaseModel):
-    """Retrieval ahead of generation: how many passages, and whether to rerank a larger pool."""
+    """Retrieval ahead of generation: how many passages, from which documents, and whether to rerank."""
 
-    top_k: int = Field(5, ge=1, le=50)
+    top_k: int = Field(5, ge=1, le=50, description="Passages put in the prompt.")
     rerank: bool = False
+    document_ids: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, max_length=100,
+        description="Search across these documents instead of the queried one; all must be yours.",
+    )
 
 
 class QueryCreate(BaseModel):
@@ -33,7 +41,18 @@ class QueryCreate(BaseModel):
     def _one_target(self) -> QueryCreate:
         if (self.document_id is None) == (self.km is None):
             raise ValueError("give exactly one of document_id or km")
+        if self.rag is not None and not self.rag_document_ids():
+            raise ValueError(MSG_RAG_TARGET)
         return self
+
+    def rag_document_ids(self) -> list[int]:
+        """The documents retrieval searches: rag.document_ids, else the queried document (or its `km:<id>`)."""
+        if self.rag is not None and self.rag.document_ids:
+            return list(dict.fromkeys(self.rag.document_ids))
+        if self.document_id is not None:
+            return [self.document_id]
+        match = KM_NAME.match(self.km or "")
+        return [int(match.group(1))] if match else []
 
     def model_name(self) -> str:
         """The model name this query resolves (document -> its KM, plus the KE when named)."""
@@ -49,12 +68,21 @@ class UsagePublic(BaseModel):
     total_tokens: int
 
 
+class PassagePublic(BaseModel):
+    """A retrieved chunk: its document, position in the document, text and similarity to the question."""
+
+    document_id: int
+    index: int
+    text: str
+    score: float
+
+
 class QueryPublic(BaseModel):
     """The answer and what produced it."""
 
     answer: str
     finish_reason: str
     adapters: dict[str, dict[str, Any] | None]
-    passages: list[dict[str, Any]]
+    passages: list[PassagePublic] = Field(description="Retrieved passages in prompt order: the best one last.")
     usage: UsagePublic
     timings_ms: dict[str, float]
