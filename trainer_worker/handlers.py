@@ -19,6 +19,7 @@ DEFAULT_HANDLERS: dict[str, str] = {
     "ingest": "trainer_worker.ingest:run",
     "synthesize": "trainer_worker.synthesize:run",
     "train_km": "trainer_worker.train_km:run",
+    "train_ke": "trainer_worker.train_ke:run",
 }
 
 MSG_UNKNOWN_KIND = "no handler for job kind {kind!r} on this worker; it runs {known}."

@@ -182,7 +182,17 @@ class KmTrainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = data.sampler(config.seed)
         self.state = TrainState()
-        self.best_adapter = adapter_tensors(model)
+        self.best_adapter = self.snapshot()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The trained weights, copied to the CPU: what is kept as the best and what checkpoints hold."""
+        return adapter_tensors(self.model)
+
+    def restore(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put weights taken by `snapshot` back into the model."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, dict(tensors))
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         import torch
@@ -244,7 +254,7 @@ class KmTrainer:
         state.dev_losses.append([state.step, dev_loss])
         if state.best_dev_loss is None or dev_loss < state.best_dev_loss:
             state.best_dev_loss, state.best_step, state.evals_since_best = dev_loss, state.step, 0
-            self.best_adapter = adapter_tensors(self.model)
+            self.best_adapter = self.snapshot()
         else:
             state.evals_since_best += 1
         state.stopped_early = state.evals_since_best >= self.config.patience
@@ -276,14 +286,12 @@ class KmTrainer:
         opt_tensors, opt_meta = optimizer_state(self.optimizer)
         meta = {"train": asdict(self.state), "sampler": self.sampler.state_dict(), "optimizer": opt_meta,
                 "params": self.param_names, "config": asdict(self.config)}
-        tensors = {"adapter": adapter_tensors(self.model), "best_adapter": self.best_adapter,
+        tensors = {"adapter": self.snapshot(), "best_adapter": self.best_adapter,
                    "optimizer": opt_tensors, "rng": rng_state()}
         return save_checkpoint(root, self.state.step, meta, tensors)
 
     def resume(self, root: Path) -> bool:
         """Continue from the latest checkpoint under `root`; False when there is none that fits this run."""
-        from peft import set_peft_model_state_dict
-
         checkpoint = load_checkpoint(root)
         if checkpoint is None:
             return False
@@ -291,10 +299,11 @@ class KmTrainer:
         if meta["params"] != self.param_names or meta["config"] != asdict(self.config):
             log.warning("checkpoint %s was written by another training setup; starting over", checkpoint.path)
             return False
-        set_peft_model_state_dict(self.model, checkpoint.tensors["adapter"])
+        self.restore(checkpoint.tensors["adapter"])
         load_optimizer_state(self.optimizer, checkpoint.tensors.get("optimizer", {}), meta["optimizer"])
         self.best_adapter = checkpoint.tensors["best_adapter"]
-        self.state = TrainState.from_json(meta["train"])
+        # The state's own class: a subclass's state keeps the fields it adds.
+        self.state = type(self.state).from_json(meta["train"])
         self.sampler.load_state_dict(meta["sampler"])
         restore_rng(checkpoint.tensors["rng"])
         return True

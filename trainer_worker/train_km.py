@@ -45,8 +45,8 @@ MSG_NO_SYNTHETIC_KEY = "document {document_id} has no synthetic data under key {
 MSG_BAD_DATA = "cannot build training data for document {document_id}: {detail}"
 MSG_NOT_VERIFIED = "the stored adapter {uri} does not read back as written ({detail})"
 
-# The cached base model is wrapped in a LoRA for the length of a job: one job at a time per process.
-_MODEL_LOCK = threading.Lock()
+# The cached base model is wrapped in LoRAs for the length of a job: one training job at a time per process.
+MODEL_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=2)
@@ -143,7 +143,7 @@ def train(ctx: JobContext, base: Any, tokenizer: Any, data: KmData, config: Trai
           model_id: str) -> TrainOutcome:
     """Train a fresh LoRA on `base` (resuming from the job's checkpoint); on preemption checkpoint and re-raise."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    with _MODEL_LOCK, lora_attached(base, config) as model:
+    with MODEL_LOCK, lora_attached(base, config) as model:
         trainer = KmTrainer(model, data, config, pad_id)
         resumed = trainer.state.step if trainer.resume(ctx.checkpoint_dir) else None
         try:
@@ -154,7 +154,8 @@ def train(ctx: JobContext, base: Any, tokenizer: Any, data: KmData, config: Trai
         return TrainOutcome(state, trainer.best_adapter, peft_config_dict(model, model_id), resumed)
 
 
-def _verify(store: AdapterStore, uri: str, tensors: Mapping[str, torch.Tensor]) -> None:
+def verify_stored(store: AdapterStore, uri: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless the adapter stored at `uri` reads back with exactly these tensors."""
     import torch
 
     _, stored = store.load(uri)  # re-reads and checks the manifest's checksums
@@ -165,7 +166,8 @@ def _verify(store: AdapterStore, uri: str, tensors: Mapping[str, torch.Tensor]) 
         raise RuntimeError(MSG_NOT_VERIFIED.format(uri=uri, detail=f"{len(changed)} tensors differ"))
 
 
-def _metrics(outcome: TrainOutcome, config: TrainConfig, profile: str) -> dict[str, Any]:
+def train_metrics(outcome: TrainOutcome, config: TrainConfig, profile: str) -> dict[str, Any]:
+    """The registry metrics of a finished run: loss histories, best dev loss, throughput, resume point."""
     state = outcome.state
     return {
         "method": config.method, "profile": profile, "loss_history": [round(x, 6) for x in state.losses],
@@ -186,8 +188,8 @@ def publish(ctx: JobContext, document: Document, outcome: TrainOutcome, config: 
             profile: str) -> tuple[int, int, dict[str, Any]]:
     """Store and verify the best adapter, register it as the next km version, move the alias, mark the doc ready."""
     stored = ctx.store.put(outcome.peft_config, outcome.best_adapter)
-    _verify(ctx.store, stored.uri, outcome.best_adapter)
-    metrics = _metrics(outcome, config, profile)
+    verify_stored(ctx.store, stored.uri, outcome.best_adapter)
+    metrics = train_metrics(outcome, config, profile)
     png = loss_curve_png(outcome.state.losses, outcome.state.dev_losses, f"km {document.id} ({config.method})")
     metrics["loss_curve_uri"] = ctx.store.put_blob(png, ".png").uri
     lineage = km_lineage(document.id)
