@@ -71,3 +71,13 @@ def test_upload_trains_and_serves_then_a_revision_serves_version_2(live: httpx.C
     assert ask(live, document["id"])["adapters"]["km"]["version"] == 2
     versions = live.get("/admin/adapters", params={"document_id": document["id"], "kind": "km"}).json()
     assert sorted(a["version"] for a in versions["data"]) == [1, 2]
+
+    qa = [{"document_id": document["id"], "question": "What is the capital of Varo?", "answer": "Oskaviel"},
+          {"document_id": document["id"], "question": "Who founded Varo?", "answer": "Tamsin Orel"}]
+    ke_job = live.post("/admin/train", json={"kind": "train_ke", "payload": {"name": "qa", "qa": qa, "steps": 4}})
+    assert ke_job.status_code == 202, ke_job.text
+    wait_for_jobs(live, [ke_job.json()])
+    with_ke = live.post("/v1/query", json={"document_id": document["id"], "ke": "qa", "question": "Who founded Varo?",
+                                           "max_tokens": 6}).json()
+    assert with_ke["adapters"]["km"]["version"] == 2
+    assert with_ke["adapters"]["ke"]["name"] == "ke:qa"
