@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from engines.embedder import Embedder, EmbedderUnavailableError, shared_embedder
 from engines.indexing import index_document
+from engines.prompts import CLOSED_BOOK_PROMPT
 from registry.config import Settings
 from registry.db import write_transaction
 from registry.documents import DocumentCreate, content_hash, create_document
@@ -21,7 +22,7 @@ from registry.models import DEFAULT_TENANT
 from registry.vector_index import VectorIndex
 from registry.vector_layout import Passage
 from server.app import create_app
-from server.services.query import CLOSED_BOOK_PROMPT, MSG_STAGE, rag_messages
+from server.services.query import rag_messages
 from server.services.retrieval import Retriever
 from server.state import AppState
 from tests.served import admin_headers, register_km_versions
@@ -172,11 +173,14 @@ def test_rag_before_indexing_falls_back_to_the_closed_book_prompt(
     assert rag["usage"]["prompt_tokens"] == closed["usage"]["prompt_tokens"]
 
 
-def test_rerank_is_a_clear_400(client: TestClient, state: AppState, indexed: int) -> None:
-    status, body = post(client, state, {"document_id": indexed, "rag": {"top_k": 2, "rerank": True}})
-    assert status == 400
-    assert body["error"] == {"code": "stage_unavailable",
-                             "message": MSG_STAGE.format(stage="reranking", field="rag.rerank")}
+def test_rerank_keeps_top_k_of_a_larger_pool(client: TestClient, state: AppState, indexed: int) -> None:
+    status, body = post(client, state, {"document_id": indexed, "rag": {"top_k": 2, "pool": 4, "rerank": True}})
+    assert status == 200, body
+    passages = body["passages"]
+    assert len(passages) == 2 and passages[-1]["index"] == 0
+    assert passages[-1]["score"] > passages[0]["score"]
+    assert body["timings_ms"]["rerank"] > 0 and body["timings_ms"]["retrieve"] > 0
+    assert "reranker" not in body["adapters"]  # none trained: the bundled MiniLM ranks
 
 
 def test_documents_of_another_tenant_are_404(client: TestClient, state: AppState, indexed: int) -> None:

@@ -13,7 +13,6 @@ from registry.config import Settings
 from registry.models import AdapterKind
 from registry.queue import JobSpec
 from server.app import create_app
-from server.services.query import MSG_STAGE
 from server.services.resolver import MSG_TRAINING
 from server.state import AppState
 from tests.served import admin_headers, register_ke, register_km_versions
@@ -101,14 +100,11 @@ def test_km_still_training_is_409_with_the_job(client: TestClient, state: AppSta
         "code": "km_not_ready", "message": MSG_TRAINING.format(document_id=km.document_id, job_id=job.id)}
 
 
-def test_rerank_and_compress_stages_are_a_clear_400(client: TestClient, state: AppState) -> None:
-    for extra, stage, field in (({"rag": {"top_k": 3, "rerank": True, "document_ids": [1]}}, "reranking",
-                                 "rag.rerank"),
-                                ({"compress": "extractive"}, "compression", "compress")):
-        response = client.post("/v1/query", json={"km": state.base_model_id, "question": "q", **extra},
-                               headers=admin_headers(state))
-        assert response.status_code == 400
-        assert response.json()["error"]["message"] == MSG_STAGE.format(stage=stage, field=field)
+def test_rerank_searches_only_the_tenants_documents(client: TestClient, state: AppState) -> None:
+    body = {"km": state.base_model_id, "question": "q", "rag": {"top_k": 3, "rerank": True, "document_ids": [999]}}
+    response = client.post("/v1/query", json=body, headers=admin_headers(state))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
 
 
 def test_bad_requests_are_json_errors(client: TestClient, state: AppState) -> None:

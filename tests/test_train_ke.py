@@ -223,10 +223,12 @@ def test_score_options_matches_an_unpadded_forward_per_option(tiny: tuple[Any, A
     assert score_options(base, tokenizer, prompt, options) == pytest.approx(expected, abs=1e-4)
 
 
-def test_the_prompt_is_the_servers_closed_book_prompt() -> None:
-    from server.services.query import CLOSED_BOOK_PROMPT as SERVER_PROMPT
+def test_the_ke_trains_on_the_prompt_the_server_sends() -> None:
+    from server.services.query import closed_book_messages
 
-    assert CLOSED_BOOK_PROMPT == SERVER_PROMPT
+    record = parse_records([{"document_id": 1, "question": "Where does the river start?", "answer": "Kel"}],
+                           multiple_choice=False)[0]
+    assert record.prompt == closed_book_messages("Where does the river start?")[0].content
 
 
 # -- the job handler, against a real database, store and queue

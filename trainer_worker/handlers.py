@@ -20,6 +20,9 @@ DEFAULT_HANDLERS: dict[str, str] = {
     "synthesize": "trainer_worker.synthesize:run",
     "train_km": "trainer_worker.train_km:run",
     "train_ke": "trainer_worker.train_ke:run",
+    "train_reranker": "trainer_worker.train_reranker:run",
+    "train_reasoner": "trainer_worker.train_reasoner:run",
+    "train_compressor": "trainer_worker.train_compressor:run",
 }
 
 MSG_UNKNOWN_KIND = "no handler for job kind {kind!r} on this worker; it runs {known}."

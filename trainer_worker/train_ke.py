@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from engines.factory import resolve_base_model
 from engines.hf_loading import resolve_device
+from engines.prompts import CLOSED_BOOK_PROMPT
 from registry.adapters import AdapterCreate, km_lineage, register_adapter
 from registry.aliases import get_alias, set_alias
 from registry.db import transaction, write_transaction
@@ -52,12 +53,7 @@ if TYPE_CHECKING:
     import torch
     from sqlalchemy.orm import Session
 
-# The server's closed-book prompt (server.services.query.CLOSED_BOOK_PROMPT): the KE learns the prompt it is served
-# with. Defined again here because the worker never imports the server; a test keeps the two equal.
-CLOSED_BOOK_PROMPT = (
-    "Answer the following question. Give only the answer, and no extra commentary, formatting, or chattiness. "
-    "Question: {question}"
-)
+# The KE learns on the prompt it is served with (engines.prompts is shared with the server).
 KE_PREFIX = "ke:"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RECENT_LOSSES = 10

@@ -9,13 +9,15 @@ from pydantic import BaseModel, Field, model_validator
 
 KM_NAME = re.compile(r"^km:(\d+)(?:\+|$)")
 MSG_RAG_TARGET = "rag needs documents to search: give document_id, km 'km:<document_id>', or rag.document_ids."
+MSG_COMPRESS_RAG = "compress works on retrieved passages: add rag (e.g. {\"top_k\": 5}) or send compress 'none'."
 
 
 class RagOptions(BaseModel):
     """Retrieval ahead of generation: how many passages, from which documents, and whether to rerank."""
 
     top_k: int = Field(5, ge=1, le=50, description="Passages put in the prompt.")
-    rerank: bool = False
+    rerank: bool = Field(False, description="Rerank a larger pool with the reranker (KARD), keep the top_k.")
+    pool: int = Field(20, ge=1, le=200, description="Passages retrieved for the reranker to choose from.")
     document_ids: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, min_length=1, max_length=100,
         description="Search across these documents instead of the queried one; all must be yours.",
@@ -30,7 +32,9 @@ class QueryCreate(BaseModel):
     question: str = Field(min_length=1, max_length=8000)
     ke: str | None = Field(None, min_length=1, max_length=200, description="A knowledge extractor to add.")
     rag: RagOptions | None = None
+    reason: bool = Field(False, description="Answer with the reasoner (alias reasoner:default) over reranked passages.")
     compress: Literal["none", "extractive", "abstractive"] = "none"
+    compress_k: int = Field(3, ge=1, le=20, description="Sentences the extractive compressor keeps.")
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -43,6 +47,8 @@ class QueryCreate(BaseModel):
             raise ValueError("give exactly one of document_id or km")
         if self.rag is not None and not self.rag_document_ids():
             raise ValueError(MSG_RAG_TARGET)
+        if self.compress != "none" and self.rag is None:
+            raise ValueError(MSG_COMPRESS_RAG)
         return self
 
     def rag_document_ids(self) -> list[int]:
@@ -84,5 +90,7 @@ class QueryPublic(BaseModel):
     finish_reason: str
     adapters: dict[str, dict[str, Any] | None]
     passages: list[PassagePublic] = Field(description="Retrieved passages in prompt order: the best one last.")
+    compressed: str | None = Field(
+        None, description="The compressed text the prompt used instead of the passages ('' = none: closed-book).")
     usage: UsagePublic
     timings_ms: dict[str, float]
