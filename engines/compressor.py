@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 EXTRACTIVE_LINEAGE = "compressor:extractive"
 ABSTRACTIVE_LINEAGE = "compressor:abstractive"
 DEFAULT_K = 3
-# The teacher's instruction, and the compressor's input at training and at query time.
-SUMMARY_INSTRUCTION = "Summarize the passages into one or two sentences that help answer the question: {question}"
+# RECOMP's teacher instruction; also the abstractive compressor's input at training and at query time.
+SUMMARY_INSTRUCTION = (
+    "Compress the information in the retrieved documents into a 2-sentence summary that could be used to answer "
+    "the question.\nQuestion: {question}"
+)
 BERT_LORA_TARGETS = ("query", "value")
 
 ABBREVIATIONS = frozenset({

@@ -17,5 +17,8 @@ def test_retrieval_benchmark_short_mode(tmp_path: Path) -> None:
         assert written[kind]["n"] == 30
         assert 0 < written[kind]["p50_ms"] <= written[kind]["p99_ms"]
     assert written["end_to_end"]["retrieve_within_document"]["n"] == 5
+    compression = written["compression"]
+    assert (compression["method"], compression["passages"], compression["queries"]) == ("extractive", 5, 5)
+    assert 0 < compression["char_ratio"] < 1 and 0 < compression["token_ratio"] < 1
     assert written["build_s"] > 0 and written["open_s"] > 0
     assert written["machine"]["versions"]["torch"] == result["machine"]["versions"]["torch"]

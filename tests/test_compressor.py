@@ -27,7 +27,7 @@ from tests.tiny import save_lora_for
 from trainer_worker.artifacts import Chunk
 from trainer_worker.compressor_data import selective_target
 from trainer_worker.context import JobContext
-from trainer_worker.train_compressor import run
+from trainer_worker.handlers import HandlerTable
 
 torch.set_num_threads(2)
 PASSAGES = [
@@ -103,6 +103,36 @@ def test_extractive_stage_puts_fewer_tokens_in_the_prompt(client: TestClient, st
     assert short["timings_ms"]["compress"] > 0 and "compressor" not in short["adapters"]
 
 
+def test_pipeline_retrieves_reranks_compresses_then_generates(
+    client: TestClient, state: AppState, indexed: int
+) -> None:
+    body = {"document_id": indexed, "rag": {"top_k": 2, "pool": 3, "rerank": True}, "compress": "extractive",
+            "compress_k": 1}
+    status, answer = ask(client, state, **body)
+    assert status == 200, answer
+    passages = answer["passages"]
+    assert len(passages) == 2 and passages[-1]["text"] == PASSAGES[0]  # best last
+    assert passages[-1]["score"] > passages[0]["score"]
+    assert answer["compressed"] == "The Varo river flows north through Lanmark before it reaches the sea."
+    usage = answer["usage"]
+    assert 0 < usage["prompt_tokens"] < usage["prompt_tokens_uncompressed"]
+    _, full = ask(client, state, document_id=indexed, rag={"top_k": 2, "pool": 3, "rerank": True})
+    assert full["usage"]["prompt_tokens"] == usage["prompt_tokens_uncompressed"]
+    assert full["usage"]["prompt_tokens_uncompressed"] is None
+    timings = answer["timings_ms"]
+    assert {"retrieve", "rerank", "compress", "generate"} <= set(timings)
+    assert all(timings[stage] > 0 for stage in ("retrieve", "rerank", "compress", "generate"))
+
+
+def test_a_compressor_job_kind_is_accepted_by_the_admin_route(client: TestClient, state: AppState) -> None:
+    body = {"kind": "train_compressor_abstractive", "payload": {"n_candidates": 4}}
+    response = client.post("/admin/train", json=body, headers=admin_headers(state))
+    assert response.status_code == 202, response.text
+    job = state.queue.get(response.json()["id"])
+    assert (job.kind, job.payload) == ("train_compressor_abstractive", {"n_candidates": 4})
+    assert {"train_compressor_extractive", "train_compressor_abstractive"} <= set(HandlerTable().kinds)
+
+
 def test_compress_needs_rag_and_abstractive_needs_a_trained_compressor(
     client: TestClient, state: AppState, indexed: int
 ) -> None:
@@ -117,13 +147,15 @@ def no_engine() -> Engine:
     raise AssertionError("train_compressor needs no serving engine")
 
 
-def run_job(state: AppState, payload: dict[str, Any]) -> dict[str, Any]:
-    state.queue.enqueue("train_compressor", payload)
-    job = state.queue.claim("w1", ["train_compressor"])
+def run_job(state: AppState, payload: dict[str, Any], kind: str = "train_compressor") -> dict[str, Any]:
+    state.queue.enqueue(kind, payload)
+    job = state.queue.claim("w1", [kind])
     assert job is not None
     ctx = JobContext(job=job, worker_id="w1", queue=state.queue, sessions=state.sessions, store=state.store,
                      settings=state.settings, engine_provider=no_engine)
-    return run(ctx)
+    result = HandlerTable().resolve(kind)(ctx)
+    assert result is not None
+    return result
 
 
 def items(document_id: int) -> list[dict[str, Any]]:
@@ -134,7 +166,9 @@ def items(document_id: int) -> list[dict[str, Any]]:
 def test_trained_extractive_compressor_is_registered_and_used(
     client: TestClient, state: AppState, indexed: int
 ) -> None:
-    result = run_job(state, {"method": "extractive", "items": items(indexed), "top_k": 3, "steps": 3, "rank": 4})
+    payload = {"items": items(indexed), "top_k": 3, "steps": 3, "rank": 4, "epsilon": 0.0, "batch_size": 2}
+    result = run_job(state, payload, "train_compressor_extractive")
+    assert result["method"] == "extractive" and result["examples"] + result["skipped_no_negative"] == 2
     with transaction(state.sessions) as session:
         adapter = resolve_alias(session, "compressor:extractive")
         assert (adapter.id, adapter.kind.value, adapter.rank) == (result["adapter_id"], "compressor", 4)
@@ -150,8 +184,8 @@ def test_trained_abstractive_compressor_runs_before_the_answer(
     client: TestClient, state: AppState, indexed: int
 ) -> None:
     result = run_job(state, {"method": "abstractive", "items": items(indexed), "top_k": 2, "steps": 2, "rank": 4,
-                             "max_summary_tokens": 8})
-    assert result["summaries_kept"] + result["summaries_dropped"] == 2
+                             "max_summary_tokens": 8, "n_candidates": 2})
+    assert result["summaries_kept"] + result["summaries_dropped"] == 2 and result["n_candidates"] == 2
     status, body = ask(client, state, document_id=indexed, rag={"top_k": 2}, compress="abstractive")
     assert status == 200, body
     assert body["adapters"]["compressor"]["name"] == "compressor:abstractive"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from tests.served import admin_headers, register_km_versions
 from tests.tiny import save_lora_for
 from trainer_worker.artifacts import Chunk
 from trainer_worker.context import JobContext
-from trainer_worker.train_reranker import RerankerConfig, RerankExample, fit, lora_model, make_example, mean_kl
+from trainer_worker.train_reranker import (
+    RerankerConfig,
+    RerankExample,
+    fit,
+    kl_loss,
+    lora_model,
+    make_example,
+    mean_kl,
+    target_distribution,
+)
 from trainer_worker.train_reranker import run as run_reranker_job
 
 torch.set_num_threads(2)
@@ -123,3 +133,26 @@ def test_the_job_registers_a_reranker_that_the_rerank_stage_uses(
     answer = response.json()
     assert len(answer["passages"]) == 2 and answer["timings_ms"]["rerank"] > 0
     assert answer["adapters"]["reranker"] == {"id": adapter.id, "name": "reranker:default", "version": 1}
+
+
+def test_target_distribution_is_a_softmax_that_tau_sharpens() -> None:
+    relevances = [0.2, 0.9, 0.5]
+    soft, sharp = target_distribution(relevances, tau=1.0), target_distribution(relevances, tau=0.1)
+    for target in (soft, sharp):
+        assert sum(target) == pytest.approx(1.0)
+        assert sorted(range(3), key=target.__getitem__) == [0, 2, 1]  # the order of the relevances
+    assert sharp[1] > soft[1] and sharp[0] < soft[0]
+    weights = [math.exp(r / 0.5) for r in relevances]
+    assert target_distribution(relevances, tau=0.5) == pytest.approx([w / sum(weights) for w in weights])
+
+
+def test_kl_loss_matches_a_hand_computation() -> None:
+    target = [0.7, 0.2, 0.1]
+    scores = [0.3, 0.1, -0.2]
+    tau2 = 0.5
+    exps = [math.exp(s / tau2) for s in scores]
+    predicted = [e / sum(exps) for e in exps]
+    expected = sum(t * math.log(t / p) for t, p in zip(target, predicted, strict=True))
+    loss = kl_loss(torch.tensor(target), torch.tensor(scores), tau2)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(kl_loss(torch.tensor(predicted), torch.tensor(scores), tau2)) == pytest.approx(0.0, abs=1e-6)

@@ -199,6 +199,7 @@ def test_rag_without_documents_is_422(client: TestClient, state: AppState) -> No
 
 
 def test_deleting_a_document_drops_its_vectors(client: TestClient, state: AppState, indexed: int) -> None:
+    assert len(state.require_vector_index().point_ids(DEFAULT_TENANT, indexed)) == len(TEXTS)
     response = client.delete(f"/v1/documents/{indexed}", headers=admin_headers(state))
     assert response.status_code == 204
     assert state.require_vector_index().point_ids(DEFAULT_TENANT, indexed) == set()

@@ -1,8 +1,9 @@
 """Training data of the RECOMP compressors: items, their retrieved passages, and labels from the generator.
 
 Labels come from the base generator's log-likelihood of the gold answer under the serving prompt: the extractive
-positive is the sentence that raises it most; an abstractive summary is kept only when it raises it above the
-closed-book prompt, else its target is "" (selective augmentation).
+positive is the sentence that raises it most, its negatives up to 5 sentences scoring more than epsilon below it,
+most similar to the question first; the abstractive target is the best of n teacher summaries, kept only when it
+raises the likelihood above the closed-book prompt, else "" (selective augmentation).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engines.compressor import abstractive_prompt, candidate_sentences, context_prompt
+from engines.compressor import Encoder, abstractive_prompt, context_prompt, score_sentences
 from trainer_worker.context import PermanentJobError
 from trainer_worker.km_data import chat_prefix, encode
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from registry.store import AdapterStore
 
 MSG_ITEMS = "train_compressor needs items: a list of {document_id, question, answer} or items_uri (JSONL); {detail}"
+MAX_NEGATIVES = 5
+SAMPLE_TEMPERATURE = 0.8
 MSG_NO_PASSAGES = "no item has retrieved passages; index the documents (ingest) before training a compressor"
 
 
@@ -91,21 +94,36 @@ def answer_logprob(model: Any, tokenizer: Any, question: str, context: str | Non
 
 @dataclass(frozen=True)
 class ContrastiveExample:
-    """A question, the sentence that helps the generator most, and the other sentences."""
+    """A question, the sentence that helps the generator most, and hard negatives (most similar first)."""
 
     question: str
     positive: str
     negatives: tuple[str, ...]
 
 
-def contrastive_example(model: Any, tokenizer: Any, item: CompressorItem) -> ContrastiveExample | None:
-    """The item's sentences ranked by the answer log-likelihood they give; None with fewer than two sentences."""
-    sentences = [text for _, _, text in candidate_sentences(item.passages)]
-    if len(sentences) < 2:
+def select_pairs(scores: Sequence[float], similarities: Sequence[float], epsilon: float,
+                 max_negatives: int = MAX_NEGATIVES) -> tuple[int, list[int]]:
+    """The positive (best score) and the negatives: sentences scoring below the best by more than epsilon
+    (a gap of exactly epsilon is not enough), most similar to the question first, at most `max_negatives`."""
+    if not scores or len(scores) != len(similarities):
+        raise ValueError("scores and similarities must be non-empty and of the same length")
+    best = max(range(len(scores)), key=scores.__getitem__)
+    below = [i for i, score in enumerate(scores) if scores[best] - score > epsilon]
+    below.sort(key=lambda i: (-similarities[i], i))
+    return best, below[:max_negatives]
+
+
+def contrastive_example(model: Any, tokenizer: Any, encoder: Encoder, item: CompressorItem,
+                        epsilon: float) -> ContrastiveExample | None:
+    """The item's positive and hard negatives by `select_pairs`; None when it has no valid negative."""
+    scored = score_sentences(encoder, item.question, item.passages)
+    if len(scored) < 2:
         return None
-    scores = [answer_logprob(model, tokenizer, item.question, s, item.answer) for s in sentences]
-    best = max(range(len(sentences)), key=scores.__getitem__)
-    return ContrastiveExample(item.question, sentences[best], tuple(s for i, s in enumerate(sentences) if i != best))
+    scores = [answer_logprob(model, tokenizer, item.question, s.text, item.answer) for s in scored]
+    best, negatives = select_pairs(scores, [s.score for s in scored], epsilon)
+    if not negatives:
+        return None
+    return ContrastiveExample(item.question, scored[best].text, tuple(scored[i].text for i in negatives))
 
 
 def selective_target(summary: str, with_summary: float, closed_book: float) -> str:
@@ -113,22 +131,36 @@ def selective_target(summary: str, with_summary: float, closed_book: float) -> s
     return summary if summary and with_summary > closed_book else ""
 
 
-def teacher_summary(model: Any, tokenizer: Any, item: CompressorItem, max_new_tokens: int) -> str:
-    """The base generator's greedy query-focused summary of the item's passages."""
+def choose_summary(candidates: Sequence[tuple[str, float]], closed_book: float) -> str:
+    """The candidate (summary, gold-answer log-likelihood) scoring best, if it beats closed-book; else ""."""
+    scored = [(text, logprob) for text, logprob in candidates if text]
+    if not scored:
+        return ""
+    text, logprob = max(scored, key=lambda candidate: candidate[1])
+    return selective_target(text, logprob, closed_book)
+
+
+def teacher_summaries(model: Any, tokenizer: Any, item: CompressorItem, max_new_tokens: int, n: int) -> list[str]:
+    """n distinct candidate summaries by the base generator: the greedy one, then sampled ones."""
     import torch
 
     prefix = chat_prefix(tokenizer, abstractive_prompt(item.question, item.passages))
     ids = torch.tensor([prefix], device=next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    common = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
+              "pad_token_id": pad}
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-    return str(tokenizer.decode(out[0, len(prefix):], skip_special_tokens=True)).strip()
+        outputs = [*model.generate(**common, do_sample=False)]
+        if n > 1:
+            outputs += [*model.generate(**common, do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=0.95,
+                                        num_return_sequences=n - 1)]
+    texts = [str(tokenizer.decode(out[len(prefix):], skip_special_tokens=True)).strip() for out in outputs]
+    return list(dict.fromkeys(texts))
 
 
-def summary_target(model: Any, tokenizer: Any, item: CompressorItem, max_new_tokens: int) -> str:
-    """The abstractive target of an item: the teacher's summary if it helps the answer, else ""."""
-    summary = teacher_summary(model, tokenizer, item, max_new_tokens)
-    with_summary = answer_logprob(model, tokenizer, item.question, summary, item.answer) if summary else 0.0
+def summary_target(model: Any, tokenizer: Any, item: CompressorItem, max_new_tokens: int, n: int = 1) -> str:
+    """The abstractive target of an item: the teacher's best of n summaries if it helps the answer, else ""."""
+    candidates = [(text, answer_logprob(model, tokenizer, item.question, text, item.answer) if text else 0.0)
+                  for text in teacher_summaries(model, tokenizer, item, max_new_tokens, n)]
     closed_book = answer_logprob(model, tokenizer, item.question, None, item.answer)
-    return selective_target(summary, with_summary, closed_book)
+    return choose_summary(candidates, closed_book)

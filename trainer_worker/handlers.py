@@ -23,6 +23,8 @@ DEFAULT_HANDLERS: dict[str, str] = {
     "train_reranker": "trainer_worker.train_reranker:run",
     "train_reasoner": "trainer_worker.train_reasoner:run",
     "train_compressor": "trainer_worker.train_compressor:run",
+    "train_compressor_extractive": "trainer_worker.train_compressor:run_extractive",
+    "train_compressor_abstractive": "trainer_worker.train_compressor:run_abstractive",
 }
 
 MSG_UNKNOWN_KIND = "no handler for job kind {kind!r} on this worker; it runs {known}."

@@ -1,15 +1,18 @@
-"""The `train_compressor` job: train a RECOMP compressor, register it as kind `compressor` and move its alias.
+"""The compressor jobs: train a RECOMP compressor, register it as kind `compressor` and move its alias.
 
-Payload: `method` ("extractive" or "abstractive"), `items` ([{document_id, question, answer}]) or `items_uri`
-(a JSONL blob), and optional `top_k` (passages retrieved per item), `steps`, `rank`, `lr`, `max_summary_tokens`.
-Extractive: a LoRA (query, value) on the MiniLM BertModel, trained contrastively (InfoNCE, question vs the sentence
-that most raises the generator's answer likelihood, against the item's other sentences). Abstractive: a LoRA on the
-generator trained with next-token loss on (passages + question -> selectively-kept teacher summary).
+Kinds `train_compressor_extractive` and `train_compressor_abstractive`; `train_compressor` takes the method from
+the payload's `method`. Payload: `items` ([{document_id, question, answer}]) or `items_uri` (a JSONL blob), and
+optional `top_k` (passages retrieved per item), `steps`, `rank`, `lr`, `seed`; extractive `epsilon`, `batch_size`;
+abstractive `max_summary_tokens`, `n_candidates`.
+Extractive: a LoRA (query, value) on the MiniLM BertModel, trained contrastively (InfoNCE of the question against
+the sentence that most raises the generator's answer log-likelihood, with the item's hard negatives and every other
+item's sentences in the batch as negatives). Abstractive: a LoRA on the generator trained with next-token loss on
+(passages + question -> the best of n teacher summaries, or "" when none beats closed-book).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,22 +34,27 @@ from trainer_worker.compressor_data import (
 from trainer_worker.context import JobContext, PermanentJobError
 from trainer_worker.km_data import DcdExample, ExampleDeck, KmData, chat_prefix, encode
 from trainer_worker.lora_training import adapter_tensors, peft_config_dict
-from trainer_worker.train_config import profile_config
+from trainer_worker.train_config import profile_config, resolve_profile
 from trainer_worker.train_km import MODEL_LOCK, base_model, served_model_name, train, verify_stored
 
 if TYPE_CHECKING:
     import torch
 
 METHODS = ("extractive", "abstractive")
+INT_OPTIONS = ("top_k", "steps", "rank", "max_summary_tokens", "seed", "batch_size", "n_candidates")
+PAPER_CANDIDATES, FAST_CANDIDATES = 4, 2
 INFONCE_TEMPERATURE = 0.05
 MSG_METHOD = "train_compressor method must be one of extractive, abstractive; got {value!r}"
 MSG_OPTION = "train_compressor option {name} must be {requirement}, got {value!r}"
-MSG_NO_CONTRAST = "no item has two or more sentences in its passages to contrast; add items or raise top_k"
+MSG_NO_CONTRAST = (
+    "no item has a sentence scoring more than epsilon below its best to contrast; add items, raise top_k or lower "
+    "epsilon"
+)
 
 
 @dataclass(frozen=True)
 class CompressorConfig:
-    """Options of one compressor run."""
+    """Options of one compressor run; `n_candidates` None = by training profile (paper 4, fast 2)."""
 
     method: str
     top_k: int = 5
@@ -55,22 +63,35 @@ class CompressorConfig:
     lr: float = 2e-4
     max_summary_tokens: int = 48
     seed: int = 0
+    epsilon: float = 0.1
+    batch_size: int = 4
+    n_candidates: int | None = None
 
     @classmethod
-    def of(cls, payload: Mapping[str, Any]) -> CompressorConfig:
-        """The run's options; a bad value fails the job for good."""
-        method = payload.get("method", (payload.get("train") or {}).get("method"))
+    def of(cls, payload: Mapping[str, Any], method: str | None = None) -> CompressorConfig:
+        """The run's options (`method` given by the job kind wins); a bad value fails the job for good."""
+        method = method or payload.get("method", (payload.get("train") or {}).get("method"))
         if method not in METHODS:
             raise PermanentJobError(MSG_METHOD.format(value=method))
-        options = {name: payload[name] for name in ("top_k", "steps", "rank", "max_summary_tokens", "seed")
-                   if payload.get(name) is not None}
+        options = {name: payload[name] for name in INT_OPTIONS if payload.get(name) is not None}
         for name, value in options.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
                 raise PermanentJobError(MSG_OPTION.format(name=name, requirement="a positive integer", value=value))
-        lr = payload.get("lr", cls.lr)
-        if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
-            raise PermanentJobError(MSG_OPTION.format(name="lr", requirement="a number > 0", value=lr))
-        return cls(method=method, lr=float(lr), **options)
+        lr = _number(payload, "lr", cls.lr, "a number > 0", lambda x: x > 0)
+        epsilon = _number(payload, "epsilon", cls.epsilon, "a number >= 0", lambda x: x >= 0)
+        return cls(method=method, lr=lr, epsilon=epsilon, **options)
+
+    def candidates(self, profile: str) -> int:
+        """Teacher summaries per item: the option, else 4 under the paper profile and 2 under fast."""
+        return self.n_candidates or (PAPER_CANDIDATES if profile == "paper" else FAST_CANDIDATES)
+
+
+def _number(payload: Mapping[str, Any], name: str, default: float, requirement: str,
+            valid: Callable[[float], bool]) -> float:
+    value = payload.get(name, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not valid(value):
+        raise PermanentJobError(MSG_OPTION.format(name=name, requirement=requirement, value=value))
+    return float(value)
 
 
 def _embedder_path(ctx: JobContext) -> str:
@@ -90,24 +111,50 @@ def _mean_pooled(bert: Any, tokenizer: Any, texts: Sequence[str]) -> torch.Tenso
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def infonce_loss(bert: Any, tokenizer: Any, example: ContrastiveExample) -> torch.Tensor:
-    """Cross-entropy of the positive among [positive, negatives] by cosine(question, sentence) / temperature."""
+def in_batch_layout(batch: Sequence[ContrastiveExample]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
+    """Every sentence of the batch, each question's positive among them, and (question, sentence) pairs to mask:
+    another item's copy of a question's own positive is no negative."""
+    texts: list[str] = []
+    targets: list[int] = []
+    for example in batch:
+        targets.append(len(texts))
+        texts.extend([example.positive, *example.negatives])
+    masked = [(q, j) for q, example in enumerate(batch) for j, text in enumerate(texts)
+              if text == example.positive and j != targets[q]]
+    return texts, targets, masked
+
+
+def contrastive_loss(questions: torch.Tensor, sentences: torch.Tensor, targets: Sequence[int],
+                     masked: Sequence[tuple[int, int]], temperature: float = INFONCE_TEMPERATURE) -> torch.Tensor:
+    """Mean cross-entropy of each question's positive among all batch sentences by cosine / temperature."""
     import torch
 
-    question = _mean_pooled(bert, tokenizer, [example.question])
-    sentences = _mean_pooled(bert, tokenizer, [example.positive, *example.negatives])
-    logits = (question @ sentences.T) / INFONCE_TEMPERATURE
-    return torch.nn.functional.cross_entropy(logits, torch.zeros(1, dtype=torch.long, device=logits.device))
+    logits = (questions @ sentences.T) / temperature
+    for q, j in masked:
+        logits[q, j] = float("-inf")
+    labels = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, labels)
 
 
-def _contrastive_examples(ctx: JobContext, items: Sequence[CompressorItem]) -> list[ContrastiveExample]:
+def batch_loss(bert: Any, tokenizer: Any, batch: Sequence[ContrastiveExample]) -> torch.Tensor:
+    """The contrastive loss of a batch: each item's own negatives plus every other item's sentences."""
+    texts, targets, masked = in_batch_layout(batch)
+    questions = _mean_pooled(bert, tokenizer, [example.question for example in batch])
+    return contrastive_loss(questions, _mean_pooled(bert, tokenizer, texts), targets, masked)
+
+
+def _contrastive_examples(ctx: JobContext, config: CompressorConfig,
+                          items: Sequence[CompressorItem]) -> tuple[list[ContrastiveExample], int]:
+    from engines.embedder import shared_embedder
+
     base, tokenizer = base_model(_generator_id(ctx))
+    encoder = shared_embedder(ctx.settings)
     with MODEL_LOCK:
-        examples = [contrastive_example(base, tokenizer, item) for item in items]
+        examples = [contrastive_example(base, tokenizer, encoder, item, config.epsilon) for item in items]
     kept = [example for example in examples if example is not None]
     if not kept:
         raise PermanentJobError(MSG_NO_CONTRAST)
-    return kept
+    return kept, len(examples) - len(kept)
 
 
 def _generator_id(ctx: JobContext) -> str:
@@ -126,13 +173,14 @@ class Trained:
     metrics: dict[str, Any]
 
 
-def train_extractive(ctx: JobContext, config: CompressorConfig, examples: Sequence[ContrastiveExample]) -> Trained:
+def train_extractive(ctx: JobContext, config: CompressorConfig, items: Sequence[CompressorItem]) -> Trained:
     """Fine-tune a LoRA on the MiniLM encoder so the question ranks each item's positive sentence first."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from engines.embedder import load_sentence_transformer, resolve_device
 
+    examples, skipped = _contrastive_examples(ctx, config, items)
     path = _embedder_path(ctx)
     encoder = load_sentence_transformer(Path(path), resolve_device(ctx.settings.embedding_device))
     torch.manual_seed(config.seed)
@@ -142,15 +190,18 @@ def train_extractive(ctx: JobContext, config: CompressorConfig, examples: Sequen
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     losses = []
     model.train()
+    size = min(config.batch_size, len(examples))
     for step in range(config.steps):
-        loss = infonce_loss(model, encoder.tokenizer, examples[step % len(examples)])
+        batch = [examples[(step * size + i) % len(examples)] for i in range(size)]
+        loss = batch_loss(model, encoder.tokenizer, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(round(float(loss.detach()), 6))
         ctx.report((step + 1) / config.steps, f"training extractive compressor: step {step + 1}/{config.steps}",
                    {"loss": losses[-10:], "step": step + 1, "steps": config.steps})
-    metrics = {"loss_history": losses, "examples": len(examples), "steps": config.steps}
+    metrics = {"loss_history": losses, "examples": len(examples), "skipped_no_negative": skipped,
+               "steps": config.steps}
     return Trained(peft_config_dict(model, path), adapter_tensors(model), path, metrics)
 
 
@@ -171,7 +222,8 @@ def train_abstractive(ctx: JobContext, config: CompressorConfig, items: Sequence
     model_id = _generator_id(ctx)
     base, tokenizer = base_model(model_id)
     with MODEL_LOCK:
-        targets = [summary_target(base, tokenizer, item, config.max_summary_tokens) for item in items]
+        n = config.candidates(_profile(ctx))
+        targets = [summary_target(base, tokenizer, item, config.max_summary_tokens, n) for item in items]
     examples = summary_examples(tokenizer, items, targets)
     dev = examples[-max(1, len(examples) // 5):]
     train_config = profile_config("fast", {"method": "lm", "steps": config.steps, "rank": config.rank,
@@ -180,7 +232,7 @@ def train_abstractive(ctx: JobContext, config: CompressorConfig, items: Sequence
     outcome = train(ctx, base, tokenizer, KmData(ExampleDeck(examples), dev), train_config, model_id)
     kept = sum(1 for target in targets if target)
     metrics = {"loss_history": [round(x, 6) for x in outcome.state.losses], "examples": len(examples),
-               "summaries_kept": kept, "summaries_dropped": len(targets) - kept,
+               "n_candidates": n, "summaries_kept": kept, "summaries_dropped": len(targets) - kept,
                "best_dev_loss": outcome.state.best_dev_loss, "steps": outcome.state.step}
     return Trained(outcome.peft_config, outcome.best_adapter, served_model_name(ctx.settings), metrics)
 
@@ -201,13 +253,29 @@ def publish(ctx: JobContext, config: CompressorConfig, trained: Trained) -> tupl
         return adapter.id, adapter.version
 
 
-def run(ctx: JobContext) -> dict[str, Any]:
-    """Handler of `train_compressor` jobs."""
-    config = CompressorConfig.of(ctx.payload)
+def _profile(ctx: JobContext) -> str:
+    import torch
+
+    return resolve_profile(ctx.settings.train_profile, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_extractive(ctx: JobContext) -> dict[str, Any]:
+    """Handler of `train_compressor_extractive` jobs."""
+    return run(ctx, "extractive")
+
+
+def run_abstractive(ctx: JobContext) -> dict[str, Any]:
+    """Handler of `train_compressor_abstractive` jobs."""
+    return run(ctx, "abstractive")
+
+
+def run(ctx: JobContext, method: str | None = None) -> dict[str, Any]:
+    """Handler of `train_compressor` jobs (payload `method`), and of the per-method kinds."""
+    config = CompressorConfig.of(ctx.payload, method)
     items = with_passages(ctx.settings, ctx.job.tenant, parse_items(ctx.payload, ctx.store), config.top_k)
     ctx.report(0.0, f"labelling {len(items)} items for the {config.method} compressor")
     if config.method == "extractive":
-        trained = train_extractive(ctx, config, _contrastive_examples(ctx, items))
+        trained = train_extractive(ctx, config, items)
     else:
         trained = train_abstractive(ctx, config, items)
     adapter_id, version = publish(ctx, config, trained)

@@ -81,14 +81,29 @@ class RerankExample:
     target: tuple[float, ...]
 
 
+def target_distribution(relevances: Sequence[float], tau: float) -> tuple[float, ...]:
+    """softmax(relevance / tau): KARD's target over the candidate passages (smaller tau = sharper)."""
+    logits = [r / tau for r in relevances]
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def kl_loss(target: torch.Tensor, scores: torch.Tensor, tau2: float) -> torch.Tensor:
+    """KL(target || softmax(scores / tau2))."""
+    import torch
+
+    log_probs = torch.log_softmax(scores / tau2, dim=0)
+    return torch.sum(target * (torch.log(target.clamp(min=1e-12)) - log_probs))
+
+
 def make_example(embedder: Embedder, question: str, rationale: str, texts: Sequence[str],
                  tau: float) -> RerankExample:
     """The example whose target is softmax(cos(rationale, passage) / tau) over `texts`."""
     rationale_vec, *vectors = embedder.embed([rationale, *texts])
-    logits = [sum(a * b for a, b in zip(rationale_vec, v, strict=True)) / tau for v in vectors]
-    top = max(logits)
-    weights = [math.exp(x - top) for x in logits]
-    return RerankExample(question, tuple(texts), tuple(w / sum(weights) for w in weights))
+    relevances = [sum(a * b for a, b in zip(rationale_vec, v, strict=True)) for v in vectors]
+    return RerankExample(question, tuple(texts), target_distribution(relevances, tau))
 
 
 def candidates(index: VectorIndex, embedder: Embedder, tenant: str, rationale: Rationale, pool: int) -> list[str]:
@@ -103,9 +118,8 @@ def example_loss(model: Any, tokenizer: Any, example: RerankExample, tau2: float
     """KL(target || softmax(reranker scores / tau2)) of one example."""
     import torch
 
-    log_probs = torch.log_softmax(cosine_scores(model, tokenizer, example.question, example.texts) / tau2, dim=0)
-    target = torch.tensor(example.target, device=log_probs.device)
-    return torch.sum(target * (torch.log(target.clamp(min=1e-12)) - log_probs))
+    scores = cosine_scores(model, tokenizer, example.question, example.texts)
+    return kl_loss(torch.tensor(example.target, device=scores.device), scores, tau2)
 
 
 def mean_kl(model: Any, tokenizer: Any, examples: Sequence[RerankExample], tau2: float) -> float:

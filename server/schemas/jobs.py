@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import JobStatus
 
-TrainKind = Literal["train_ke", "train_compressor", "train_reranker", "train_reasoner", "train_km"]
+TrainKind = Literal[
+    "train_ke", "train_compressor", "train_compressor_extractive", "train_compressor_abstractive", "train_reranker",
+    "train_reasoner", "train_km",
+]
 
 
 class JobPublic(BaseModel):

@@ -69,9 +69,12 @@ class QueryCreate(BaseModel):
 class UsagePublic(BaseModel):
     """Token counts of one request."""
 
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="Tokens of the prompt the generator read (after compression, if any).")
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_uncompressed: int | None = Field(
+        None, description="Prompt tokens with the retrieved passages uncompressed (the generator's tokenizer); "
+                          "null when the query asked for no compression.")
 
 
 class PassagePublic(BaseModel):

@@ -24,6 +24,7 @@ from engines.compressor import (
     adapted_embedder,
     extract,
 )
+from engines.prompts import reader_prompt
 from registry.errors import ConflictError
 from registry.models import Alias
 from server.services.adapters import AdapterService
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 
 SUMMARY_MAX_TOKENS = 64
 MSG_NO_ABSTRACTIVE = (
-    "no abstractive compressor is trained yet; train one with POST /admin/train kind train_compressor "
-    "(payload {\"method\": \"abstractive\"}), or query with compress 'extractive' or 'none'."
+    "no abstractive compressor is trained yet; train one with POST /admin/train kind "
+    "train_compressor_abstractive, or query with compress 'extractive' or 'none'."
 )
 
 
@@ -51,11 +52,13 @@ class CompressorNotTrainedError(ConflictError):
 
 @dataclass(frozen=True)
 class Compression:
-    """The text that replaces the passages ("" = answer closed-book), the compressor version used, and its time."""
+    """The text that replaces the passages ("" = answer closed-book), the compressor version used, its time, and
+    the prompt tokens the uncompressed passages would have cost."""
 
     text: str
     compressor: AdapterRef | None
     ms: float
+    uncompressed_tokens: int
 
 
 class CompressService:
@@ -78,7 +81,15 @@ class CompressService:
             if ref is None:
                 raise CompressorNotTrainedError()
             text = await self._summarize(ref, question, texts)
-        return Compression(text, ref, round((time.perf_counter() - start) * 1000, 3))
+        ms = round((time.perf_counter() - start) * 1000, 3)
+        return Compression(text, ref, ms, await asyncio.to_thread(self._uncompressed_tokens, question, texts))
+
+    def _uncompressed_tokens(self, question: str, texts: list[str]) -> int:
+        # Counted outside the compress timing: it is reporting, not a cost the query pays for compression.
+        from engines.hf_loading import encode_request
+
+        request = GenerationRequest(messages=(ChatMessage("user", reader_prompt(question, texts)),))
+        return len(encode_request(self._state.require_generator().tokenizer, request))
 
     def _alias(self, tenant: str, name: str) -> AdapterRef | None:
         stmt = select(Alias).where(Alias.tenant == tenant, Alias.name == name)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engines.base import ChatMessage, SamplingParams, StreamChunk
+from engines.base import ChatMessage, SamplingParams, StreamChunk, Usage
 from engines.prompts import reader_prompt
 from engines.reasoning import REASONER_ALIAS, reasoner_prompt
 from registry.errors import RegistryError
@@ -150,11 +150,10 @@ class QueryService:
         start = time.perf_counter()
         (result,) = await self._generation.run([admission])
         admission.timings_ms["total"] = round((time.perf_counter() - start) * 1000 + _admit_ms(admission), 3)
-        usage = UsagePublic(prompt_tokens=result.usage.prompt_tokens,
-                            completion_tokens=result.usage.completion_tokens, total_tokens=result.usage.total_tokens)
         return QueryPublic(answer=_final(query, result.text), finish_reason=result.finish_reason,
                            adapters=query.adapters_public(), passages=_passages_public(query.passages),
-                           compressed=query.compressed, usage=usage, timings_ms=admission.timings_ms)
+                           compressed=query.compressed, usage=_usage(query, result.usage),
+                           timings_ms=admission.timings_ms)
 
     async def stream(self, query: QueryAdmission) -> AsyncIterator[str]:
         """Server-sent events: `delta` events with text, then one `done` event with the full response."""
@@ -195,10 +194,14 @@ def _done(query: QueryAdmission, text: str, chunk: StreamChunk) -> QueryPublic:
     return QueryPublic(
         answer=_final(query, text), finish_reason=chunk.finish_reason or "stop", adapters=query.adapters_public(),
         passages=_passages_public(query.passages), compressed=query.compressed,
-        usage=UsagePublic(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                          total_tokens=usage.total_tokens),
-        timings_ms=admission.timings_ms,
+        usage=_usage(query, usage), timings_ms=admission.timings_ms,
     )
+
+
+def _usage(query: QueryAdmission, usage: Usage) -> UsagePublic:
+    uncompressed = query.compression.uncompressed_tokens if query.compression is not None else None
+    return UsagePublic(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                       total_tokens=usage.total_tokens, prompt_tokens_uncompressed=uncompressed)
 
 
 def _admit_ms(admission: Admission) -> float:
