@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.config import Settings
 from registry.db import make_engine, migrate
+from server.state import AppState
 
 POSTGRES_URL = os.environ.get("KMSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -130,3 +132,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def app_settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     """Settings of an embedded server in a fresh data dir, serving the shared tiny model."""
     return Settings(data_dir=tmp_path / "data", base_model=str(tiny_model_dir), model_name="kmserve-tiny")
+
+
+@pytest.fixture
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    """The real app (migrated, admin key written, tiny model loaded) behind an in-process client."""
+    from server.app import create_app
+
+    with TestClient(create_app(app_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def state(client: TestClient) -> AppState:
+    """The running app's state (database, store, queue, engine)."""
+    app_state: AppState = client.app.state.kmserve  # type: ignore[attr-defined]
+    return app_state

@@ -3,7 +3,6 @@ the real app, and `train_compressor` runs that register compressors the stage th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from registry.aliases import resolve_alias
 from registry.config import Settings
 from registry.db import transaction
 from registry.models import DEFAULT_TENANT
-from server.app import create_app
 from server.services.compress import MSG_NO_ABSTRACTIVE
 from server.state import AppState
 from tests.served import admin_headers, register_km_versions
@@ -64,17 +62,6 @@ def test_selective_augmentation_drops_a_summary_that_does_not_help() -> None:
     assert selective_target("Lanmark.", with_summary=-3.0, closed_book=-2.5) == ""
     assert selective_target("Lanmark.", with_summary=-1.0, closed_book=-2.5) == "Lanmark."
     assert selective_target("", with_summary=0.0, closed_book=-2.5) == ""
-
-
-@pytest.fixture
-def client(app_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def state(client: TestClient) -> AppState:
-    return client.app.state.kmserve  # type: ignore[attr-defined, no-any-return]
 
 
 @pytest.fixture

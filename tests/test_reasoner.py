@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from unittest.mock import AsyncMock, MagicMock
 
@@ -14,11 +14,9 @@ from engines.base import Engine, GenerationResult, Usage
 from engines.indexing import index_document
 from engines.reasoning import REASONER_ALIAS, extract_answer, leads_to, reasoner_prompt, reasoner_target
 from registry.aliases import resolve_alias
-from registry.config import Settings
 from registry.db import write_transaction
 from registry.documents import DocumentCreate, content_hash, create_document
 from registry.models import DEFAULT_TENANT
-from server.app import create_app
 from server.services.rerank import MSG_NO_REASONER
 from server.state import AppState
 from tests.served import admin_headers
@@ -50,17 +48,6 @@ def test_reasoner_prompt_and_target() -> None:
     prompt = reasoner_prompt(RIVER.question, ["weak", "strong"])
     assert prompt.index("Passage 1: weak") < prompt.index("Passage 2: strong") < prompt.index(RIVER.question)
     assert reasoner_target(" It flows there. ", "Lanmark") == "It flows there.\nAnswer: Lanmark"
-
-
-@pytest.fixture
-def client(app_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def state(client: TestClient) -> AppState:
-    return client.app.state.kmserve  # type: ignore[attr-defined, no-any-return]
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -18,7 +18,6 @@ from engines.reranker import RERANKER_ALIAS, cosine_scores, load_minilm
 from registry.aliases import resolve_alias
 from registry.config import Settings
 from registry.models import DEFAULT_TENANT
-from server.app import create_app
 from server.state import AppState
 from tests.served import admin_headers, register_km_versions
 from tests.tiny import save_lora_for
@@ -83,17 +82,6 @@ def test_training_moves_the_reranker_toward_the_rationale_target(embedder: Embed
     assert after_kl < 0.5 * before_kl
     assert all(b > 0 for b in before) and all(a < b for a, b in zip(after, before, strict=True))
     assert len(losses) == 12
-
-
-@pytest.fixture
-def client(app_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def state(client: TestClient) -> AppState:
-    return client.app.state.kmserve  # type: ignore[attr-defined, no-any-return]
 
 
 def indexed_document(state: AppState, tiny_model_dir: Path, tmp_path: Path) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from registry.documents import DocumentCreate, content_hash, create_document
 from registry.models import DEFAULT_TENANT
 from registry.vector_index import VectorIndex
 from registry.vector_layout import Passage
-from server.app import create_app
 from server.services.query import rag_messages
 from server.services.retrieval import Retriever
 from server.state import AppState
@@ -100,17 +98,6 @@ def test_rag_prompt_numbers_the_passages_ahead_of_the_question() -> None:
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     return save_lora_for(tiny_model_dir, tmp_path_factory.mktemp("rag-lora") / "l0", seed=0)
-
-
-@pytest.fixture
-def client(app_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def state(client: TestClient) -> AppState:
-    return client.app.state.kmserve  # type: ignore[attr-defined, no-any-return]
 
 
 @pytest.fixture

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from registry.config import Settings
 from registry.models import AdapterKind
 from registry.queue import JobSpec
-from server.app import create_app
 from server.services.resolver import MSG_TRAINING
 from server.state import AppState
 from tests.served import admin_headers, register_ke, register_km_versions
@@ -23,17 +20,6 @@ from tests.tiny import save_lora_for
 def lora_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> list[Path]:
     root = tmp_path_factory.mktemp("served-loras")
     return [save_lora_for(tiny_model_dir, root / f"l{i}", seed=i) for i in range(3)]
-
-
-@pytest.fixture
-def client(app_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def state(client: TestClient) -> AppState:
-    return client.app.state.kmserve  # type: ignore[attr-defined, no-any-return]
 
 
 def ask(client: TestClient, state: AppState, **body: object) -> dict[str, object]:
