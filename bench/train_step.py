@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (set explicitly for stable numbers)")
     parser.add_argument("--short", action="store_true", help="smoke mode: tiny model and batch, one repeat")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", action="store_true", help="also draw step time and memory as a PNG next to the JSON")
     args = parser.parse_args(argv)
     if args.short:
         args.size, args.batch, args.context, args.prompt, args.target = "tiny", 2, 24, 4, 8
@@ -167,6 +168,28 @@ def summarize(found: dict[str, dict[str, list[float]]], text_tokens: int) -> dic
     return {**rows, "dcd_over_lm": ratios, "goals": GOALS, "meets_goals": meets}
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Step time and peak memory of a DCD step next to an LM step on the same batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["dcd", "lm"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+    left.bar(names, [result[n]["seconds"] for n in names], color=["tab:blue", "tab:grey"])
+    left.set_ylabel("seconds per step (median)")
+    right.bar(names, [result[n]["peak_mb"] for n in names], color=["tab:blue", "tab:grey"])
+    right.set_ylabel(f"peak memory, MB ({result['memory_measure'].split(' (')[0]})")
+    ratios = result["dcd_over_lm"]
+    fig.suptitle(f"{result['device']}: DCD / LM = {ratios['time']}x time, {ratios['memory']}x memory")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def build_model(args: argparse.Namespace, root: Path) -> str:
     """The model to benchmark: --model, or a freshly built Llama of --size."""
     if args.model:
@@ -202,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "tokens": {"teacher": batch.teacher.tokens, "student": batch.student.tokens},
               **summarize(found, batch.teacher.tokens)}
     result["settings"]["model"] = args.model
-    write_json(args.out or RESULTS_DIR / f"train_step_{args.device}.json", result)
+    out = write_json(args.out or RESULTS_DIR / f"train_step_{args.device}.json", result)
+    if args.plot:
+        result["plot"] = str(plot(result, out.with_suffix(".png")))
     print(json.dumps(result, indent=2, sort_keys=True))
     return result
 

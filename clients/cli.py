@@ -1,4 +1,5 @@
-"""The `kmserve` command line: run the platform (up, serve, worker, migrate) and manage its storage (gc).
+"""The `kmserve` command line: run the platform (up, serve, worker, migrate), manage its storage (gc), and use a
+running server (docs, ask, jobs, adapters, keys: see `clients.cli_remote`).
 
 Server-side commands import the server lazily, so `kmserve --help` stays fast and the HTTP-only commands never
 load torch. Exit codes: 0 ok, 1 the operation was refused (message printed), 2 usage error.
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+from clients.cli_remote import RemoteOptions, register
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -34,7 +37,19 @@ MaxJobsOpt = Annotated[int | None, typer.Option(min=1, help="Exit after running 
 PollOpt = Annotated[float, typer.Option(min=0.01, help="Seconds between polls of an idle queue (backs off to 15 s).")]
 WorkerOpt = Annotated[bool, typer.Option("--worker/--no-worker",
                                          help="Run the trainer worker inside this process (a thread).")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Server URL (default: KMSERVE_URL or http://127.0.0.1:8000).")]
+ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help=(
+    "API key (default: KMSERVE_API_KEY, else the admin key file KMSERVE_DATA_DIR/admin.key)."))]
 IDLE_POLL_MAX_SECONDS = 15.0
+
+
+@app.callback()
+def global_options(ctx: typer.Context, url: UrlOpt = None, api_key: ApiKeyOpt = None) -> None:
+    """kmserve: knowledge modules, trained and served."""
+    ctx.obj = RemoteOptions(url, api_key)
+
+
+register(app)
 
 
 @app.command()

@@ -10,8 +10,9 @@ from bench.train_step import main
 
 def test_train_step_benchmark_short_mode(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    result = main(["--short", "--out", str(out)])
+    result = main(["--short", "--plot", "--out", str(out)])
     written = json.loads(out.read_text())
+    assert Path(result.pop("plot")).stat().st_size > 1000
     assert written == json.loads(json.dumps(result))
     for kind in ("dcd", "lm"):
         assert written[kind]["seconds"] > 0 and written[kind]["tokens_per_s"] > 0
