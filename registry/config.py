@@ -11,12 +11,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EngineName = Literal["auto", "hf", "vllm"]
 TrainProfile = Literal["auto", "paper", "fast"]
+ENV_PREFIX = "KMSERVE_"
 
 
 class Settings(BaseSettings):
     """Every knob of kmserve; `KMSERVE_<FIELD>` in the environment (or a `.env` file) overrides the default."""
 
-    model_config = SettingsConfigDict(env_prefix="KMSERVE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path(".kmserve"), description="Where the embedded mode keeps its database, index and store.")
     database_url: str | None = Field(
@@ -38,7 +39,9 @@ class Settings(BaseSettings):
     model_name: str | None = Field(
         None, description="Name clients use for the base model (`model`); unset = the base model id or kmserve-tiny."
     )
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest document upload accepted.")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest document or adapter upload accepted (413 above)."
+    )
     max_adapter_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted by adapter uploads.")
     max_request_tokens: int = Field(2048, ge=1, description="Largest max_tokens a query may ask for.")
     engine: EngineName = Field("auto", description="Generation engine: auto (vllm when CUDA and vllm exist), hf, vllm.")
@@ -85,3 +88,24 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, built once."""
     return Settings()
+
+
+def env_names() -> set[str]:
+    """Every environment variable name `Settings` reads (`KMSERVE_<FIELD>`)."""
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+
+
+def _default_text(value: object) -> str:
+    """A default as the README shows it: unset for None, plain text otherwise."""
+    if value is None:
+        return "unset"
+    return f"`{value}`"
+
+
+def settings_markdown_table() -> str:
+    """The configuration table of the README (variable, default, meaning), rendered from `Settings.model_fields`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {_default_text(field.default)} | {meaning} |")
+    return "\n".join(rows) + "\n"
