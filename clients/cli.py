@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from clients import cli_bench
 from clients.cli_remote import RemoteOptions, register
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def global_options(ctx: typer.Context, url: UrlOpt = None, api_key: ApiKeyOpt = 
 
 
 register(app)
+cli_bench.register(app)
 
 
 @app.command()

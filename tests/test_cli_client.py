@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +103,14 @@ def test_bad_usage_exits_2(server: tuple[str, Settings], tmp_path: Path) -> None
     path.write_text("x")
     assert kmserve(server, "docs", "add", str(path), "--method", "bogus").exit_code == 2
     assert kmserve(server, "ask", "1").exit_code == 2
+
+
+def test_bench_runs_a_benchmark_by_name(tmp_path: Path) -> None:
+    from clients.cli import app
+
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(app, ["bench", "serve", "--short", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["benchmark"] == "serve"
+    unknown = CliRunner().invoke(app, ["bench", "nope"])
+    assert unknown.exit_code == 2
