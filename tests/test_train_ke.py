@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from registry.lora import LoraWeights, combine
 from registry.models import AdapterKind
 from registry.queue import JobQueue
 from registry.store import AdapterStore
+from tests.job_context import HookedContext
 from tests.tiny import save_lora_for
 from trainer_worker.context import JobCancelled, JobContext, JobPreempted, PermanentJobError
 from trainer_worker.ke_model import INIT_WEIGHT, KeModel, ke_model, km_adapter_name, score_options
@@ -274,21 +275,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
 
 def no_engine() -> Engine:
     raise AssertionError("train_ke needs no generation engine")
-
-
-@dataclass
-class HookedContext(JobContext):
-    """A real JobContext that calls `hook(ctx, step)` before each report, i.e. between training steps."""
-
-    hook: Callable[[JobContext, int], None] | None = None
-    steps_reported: list[int] = field(default_factory=list)
-
-    def report(self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None) -> None:
-        step = int((metrics or {}).get("step", 0))
-        self.steps_reported.append(step)
-        if self.hook is not None:
-            self.hook(self, step)
-        super().report(progress, message, metrics)
 
 
 def start_job(reg: Registry, payload: dict[str, Any], **extra: Any) -> HookedContext:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from registry.documents import DocumentCreate, content_hash, create_document, ge
 from registry.models import DocumentStatus
 from registry.queue import JobQueue
 from registry.store import AdapterStore
+from tests.job_context import HookedContext
 from trainer_worker.artifacts import Chunk, ChunkSet, put_json
 from trainer_worker.checkpoint import load_checkpoint
 from trainer_worker.context import JobCancelled, JobContext, JobPreempted, PermanentJobError
@@ -183,21 +184,6 @@ def add_document(reg: Registry) -> int:
 
 def no_engine() -> Engine:
     raise AssertionError("train_km needs no generation engine")
-
-
-@dataclass
-class HookedContext(JobContext):
-    """A real JobContext that calls `hook(ctx, step)` before each report, i.e. between training steps."""
-
-    hook: Callable[[JobContext, int], None] | None = None
-    steps_reported: list[int] = field(default_factory=list)
-
-    def report(self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None) -> None:
-        step = int((metrics or {}).get("step", 0))
-        self.steps_reported.append(step)
-        if self.hook is not None:
-            self.hook(self, step)
-        super().report(progress, message, metrics)
 
 
 def start_job(reg: Registry, document_id: int, payload: dict[str, Any], **extra: Any) -> HookedContext:
