@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 
 typecheck: install
-	$(BIN)/mypy registry clients server engines trainer_worker
+	$(BIN)/mypy registry clients server engines trainer_worker evals
 
 pytest: install
 	$(BIN)/pytest

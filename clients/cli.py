@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from clients import cli_bench
+from clients import cli_bench, cli_eval
 from clients.cli_remote import RemoteOptions, register
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def global_options(ctx: typer.Context, url: UrlOpt = None, api_key: ApiKeyOpt = 
 
 register(app)
 cli_bench.register(app)
+cli_eval.register(app)
 
 
 @app.command()
@@ -71,7 +72,7 @@ def migrate() -> None:
 
 @app.command()
 def serve(host: HostOpt = None, port: PortOpt = None) -> None:
-    """Run the API server (migrates on start)."""
+    """Run the API server (migrates on start; SIGTERM drains requests in flight, then exits)."""
     _run_server(host, port)
 
 
@@ -186,15 +187,16 @@ def _configure_logging(level: str) -> None:
 
 
 def _run_server(host: str | None, port: int | None, api: FastAPI | None = None) -> None:
-    import uvicorn
-
+    """Serve until SIGTERM/Ctrl+C, then drain: new requests get 503 while those in flight finish (exit 0)."""
     from registry.config import get_settings
     from server.app import create_app
+    from server.shutdown import run_draining
 
     settings = get_settings()
     bind_host, bind_port = host or settings.host, port or settings.port
     console.print(f"kmserve listening on [bold]http://{bind_host}:{bind_port}[/bold] (docs at /docs)")
-    uvicorn.run(api or create_app(settings), host=bind_host, port=bind_port, log_level=settings.log_level)
+    run_draining(api or create_app(settings), host=bind_host, port=bind_port, log_level=settings.log_level,
+                 drain_seconds=settings.shutdown_drain_seconds)
 
 
 def main() -> None:

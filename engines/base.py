@@ -182,6 +182,60 @@ class StreamChunk:
         return self.finish_reason is not None
 
 
+MAX_SCORE_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """Prompt text whose every token is scored (nothing is generated), with an optional adapter.
+
+    `top_logprobs` asks for that many most likely tokens at each position besides the prompt's own token.
+    """
+
+    prompt: str
+    adapter: AdapterHandle | None = None
+    top_logprobs: int = 0
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise InvalidRequestError("the prompt to score must be a non-empty string")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_SCORE_TOP_LOGPROBS:
+            raise _fail("top_logprobs", f"must be an integer in 0..{MAX_SCORE_TOP_LOGPROBS}, "
+                                        f"got {self.top_logprobs!r}")
+
+    @property
+    def adapter_id(self) -> int | None:
+        """The adapter's registry id, or None for the base model."""
+        return self.adapter.id if self.adapter else None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One prompt token: id, text, start offset in the prompt, log-probability given the tokens before it (None
+    for the first token, which nothing predicts) and the most likely (text, logprob) pairs at its position."""
+
+    token_id: int
+    text: str
+    offset: int
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    """The scored tokens of one prompt, in order."""
+
+    request_id: str
+    tokens: tuple[TokenLogprob, ...]
+    adapter_id: int | None
+
+    @property
+    def usage(self) -> Usage:
+        """Every prompt token was read; none was generated."""
+        return Usage(len(self.tokens), 0)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """Adapter cache and batching counters (loaded is in LRU order, least recently used first)."""
@@ -251,9 +305,19 @@ class Engine(abc.ABC):
     def tokenizer(self) -> Any:
         """The tokenizer prompts are encoded with (a transformers tokenizer, chat template included)."""
 
+    @property
+    def context_limit(self) -> int | None:
+        """The model's context window in tokens (prompt plus output), when the engine knows it."""
+        limit = getattr(self, "_context_limit", None)
+        return limit if isinstance(limit, int) else None
+
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamChunk, None]:
         """Text deltas of one request; the final chunk carries finish_reason and usage."""
+
+    @abc.abstractmethod
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Log-probability of every prompt token under the request's adapter (the adapter stays held meanwhile)."""
 
     @abc.abstractmethod
     async def load_adapter(self, handle: AdapterHandle, pin: bool = False) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engines.base import Engine, EngineConfig, select_engine
-from engines.tiny_model import ensure_default_model
+from engines.default_model import default_model_dir
 
 if TYPE_CHECKING:
     from engines.vllm import VLLMConfig
@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 
 def resolve_base_model(settings: Settings) -> str:
-    """KMSERVE_BASE_MODEL, or the built-in tiny model (built under the data dir on first use)."""
-    return settings.base_model or str(ensure_default_model(settings.data_dir))
+    """KMSERVE_BASE_MODEL, or the default model (the reader; the tiny model when its weights are absent)."""
+    return settings.base_model or str(default_model_dir(settings.data_dir))
 
 
 def create_engine(

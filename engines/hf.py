@@ -26,6 +26,8 @@ from engines.base import (
     EngineConfig,
     EngineStats,
     GenerationRequest,
+    ScoreRequest,
+    ScoreResult,
     StreamChunk,
     Usage,
 )
@@ -38,6 +40,7 @@ from engines.errors import (
 )
 from engines.hf_batching import BatchDecoder, RowEvent, RowSpec
 from engines.hf_loading import context_limit, encode_request, eos_token_ids, load_causal_lm, load_tokenizer
+from engines.hf_scoring import encode_with_offsets, prompt_logprobs, score_result
 from engines.peft_adapters import BASE_ADAPTER, PeftAdapterSet, adapter_name
 from registry.errors import RegistryError
 
@@ -126,6 +129,30 @@ class HFEngine(Engine):
                     return
         finally:
             self._cancel(job)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Log-probability of every prompt token: one forward pass beside the decode batches, the adapter held."""
+        self._check_open()
+        ids, offsets = encode_with_offsets(self._tokenizer, request.prompt)
+        if len(ids) > self._context_limit:
+            raise ContextLengthError(len(ids), 0, self._context_limit)
+        handle, held = request.adapter, False
+        try:
+            if handle is not None:
+                await self._cache.acquire(handle)  # a held adapter is never evicted (refcount > 0)
+                held = True
+            logprobs, tops = await self._on_worker(functools.partial(
+                prompt_logprobs, self._adapters.forward_logits, ids, _peft_name(handle), request.top_logprobs,
+                self._adapters.device))
+        except RegistryError:
+            raise
+        except Exception as exc:  # a failed forward fails this request only, as in a decode batch
+            logger.exception("scoring request %s failed", request.request_id)
+            raise GenerationFailedError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if held and handle is not None:
+                await self._cache.release(handle.id)
+        return score_result(self._tokenizer, request, ids, offsets, logprobs, tops)
 
     async def load_adapter(self, handle: AdapterHandle, pin: bool = False) -> None:
         """Make an adapter resident (evicting the least recently used idle one when full), optionally pinned."""
@@ -294,7 +321,7 @@ class HFEngine(Engine):
             await self._finish_batch(jobs, decoder)
 
     def _new_decoder(self, jobs: list[_Job]) -> BatchDecoder:
-        rows = [RowSpec(j.prompt_ids, _peft_name(j.request), j.request.sampling) for j in jobs]
+        rows = [RowSpec(j.prompt_ids, _peft_name(j.request.adapter), j.request.sampling) for j in jobs]
         decoder = BatchDecoder(
             rows, self._adapters.forward_last, self._decode, pad_id=self._pad_id, eos_ids=self._eos_ids,
             device=self._adapters.device,
@@ -342,6 +369,6 @@ class HFEngine(Engine):
         await self._on_worker(functools.partial(self._adapters.unload, adapter_id))
 
 
-def _peft_name(request: GenerationRequest) -> str:
-    return adapter_name(request.adapter.id) if request.adapter is not None else BASE_ADAPTER
+def _peft_name(adapter: AdapterHandle | None) -> str:
+    return adapter_name(adapter.id) if adapter is not None else BASE_ADAPTER
 

@@ -123,14 +123,21 @@ class PeftAdapterSet:
 
     def forward_last(self, batch: dict[str, Any], adapter_names: list[str]) -> torch.Tensor:
         """Logits at the last position of every row; each row runs with its own adapter (or the base)."""
+        return self.forward_logits(batch, adapter_names, logits_to_keep=1, use_cache=True)[:, -1, :]
+
+    def forward_logits(
+        self, batch: dict[str, Any], adapter_names: list[str], *, logits_to_keep: int = 0, use_cache: bool = False
+    ) -> torch.Tensor:
+        """Logits of the last `logits_to_keep` positions (0: all) of every row, each row with its own adapter."""
         import torch
 
         with torch.inference_mode():
             if self._peft is None:
-                out = self._base(**batch, use_cache=True, logits_to_keep=1)
+                out = self._base(**batch, use_cache=use_cache, logits_to_keep=logits_to_keep)
             else:
-                out = self._peft(**batch, use_cache=True, logits_to_keep=1, adapter_names=adapter_names)
-        return out.logits[:, -1, :]
+                out = self._peft(**batch, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                 adapter_names=adapter_names)
+        return out.logits
 
     def lora_tensor_names(self) -> list[str]:
         """Names of every LoRA tensor in the running model's state dict (to check unloads free memory)."""

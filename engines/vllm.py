@@ -15,6 +15,8 @@ and the counters stay true. Facts about vLLM LoRA behaviour that shape this code
 - `max_lora_rank` must be one of vLLM's supported ranks; 32 fits a KM (16) concatenated with a KE (16).
 - Prompts are tokenized here (same tokenizer and chat template as the HF engine) and sent as token ids, so the
   two engines see identical prompts and vLLM does not add a second BOS to a rendered chat.
+- Prompt scoring asks for `prompt_logprobs` (computed from the raw logits) with max_tokens=1, since vLLM cannot
+  generate nothing; the one generated token is dropped. Offsets and token texts come from our tokenizer.
 - GPU.md: set VLLM_USE_FLASHINFER_SAMPLER=0 where flashinfer is absent; tiny test models use head_dim 64.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -35,6 +37,8 @@ from engines.base import (
     EngineStats,
     GenerationRequest,
     SamplingParams,
+    ScoreRequest,
+    ScoreResult,
     StreamChunk,
     Usage,
 )
@@ -48,9 +52,11 @@ from engines.errors import (
     PinLimitError,
 )
 from engines.hf_loading import encode_request, load_tokenizer
+from engines.hf_scoring import TopTokens, encode_with_offsets, score_result
 from engines.peft_adapters import check_adapter_dir
 from registry.errors import RegistryError
 
+MSG_PROMPT_LOGPROBS = "vLLM returned no prompt log-probabilities for request {request_id}"
 MSG_NO_VLLM = "the vllm package is not installed; install the GPU extra with `pip install '.[gpu]'` on a CUDA machine"
 
 
@@ -230,6 +236,51 @@ class VLLMEngine(Engine):
             return None
         return self._api.LoRARequest(lora_name=str(handle.id), lora_int_id=handle.id, lora_path=str(handle.path))
 
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Log-probability of every prompt token (vLLM `prompt_logprobs`; the one token it must generate is dropped)."""
+        if self._closed:
+            raise EngineClosedError()
+        ids, offsets = encode_with_offsets(self._tokenizer, request.prompt)
+        limit = self._context_limit
+        if limit is not None and len(ids) + 1 > limit:
+            raise ContextLengthError(len(ids), 1, limit)
+        handle = request.adapter
+        if handle is not None:
+            await self._cache.acquire(handle)
+        self._running += 1
+        try:
+            positions = await self._prompt_logprobs(request, ids)
+        finally:
+            self._running -= 1
+            if handle is not None:
+                await self._cache.release(handle.id)
+        logprobs, tops = _from_prompt_logprobs(positions, ids, request.top_logprobs)
+        return score_result(self._tokenizer, request, ids, offsets, logprobs, tops)
+
+    async def _prompt_logprobs(self, request: ScoreRequest, ids: list[int]) -> Sequence[Any]:
+        api = self._api
+        # vLLM has no max_tokens=0: generate one greedy token and ignore it. Prompt logprobs come from the raw
+        # logits; a DELTA stream hands each part over once (all of it in the first output unless the prefill was
+        # chunked), so the parts are joined.
+        params = api.SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=request.top_logprobs,
+                                    output_kind=api.RequestOutputKind.DELTA)
+        outputs = self._client.generate({"prompt_token_ids": ids}, params, request.request_id,
+                                        lora_request=self._lora_request(request.adapter))
+        positions: list[Any] = []
+        async with contextlib.aclosing(outputs) as stream:
+            try:
+                async for out in stream:
+                    positions.extend(getattr(out, "prompt_logprobs", None) or ())
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from exc
+            except RegistryError:
+                raise
+            except Exception as exc:  # engine dead / generate errors: fail this request with a typed error
+                raise GenerationFailedError(f"{type(exc).__name__}: {exc}") from exc
+        if not positions:
+            raise GenerationFailedError(MSG_PROMPT_LOGPROBS.format(request_id=request.request_id))
+        return positions
+
     async def load_adapter(self, handle: AdapterHandle, pin: bool = False) -> None:
         """Preload an adapter into vLLM (evicting the least recently used idle one when full), maybe pinned."""
         if self._closed:
@@ -283,3 +334,24 @@ class VLLMEngine(Engine):
             raise PinLimitError(handle.id, limit, self.vllm_config.max_loras)
         await self._client.pin_lora(handle.id)
         self._vllm_pinned.add(handle.id)
+
+
+def _from_prompt_logprobs(
+    positions: Sequence[Mapping[int, Any] | None], ids: Sequence[int], top_k: int
+) -> tuple[list[float | None], list[TopTokens]]:
+    """Our (logprob, top-k) lists from vLLM's per-position {token_id: Logprob} dicts (the first position is None).
+
+    Each dict holds the top_k tokens plus the prompt's own token when that one ranks lower, so the k most likely
+    entries are the top_k and the prompt token's entry is its logprob.
+    """
+    if len(positions) != len(ids):
+        raise GenerationFailedError(f"vLLM scored {len(positions)} positions of a {len(ids)}-token prompt")
+    chosen: list[float | None] = [None]
+    tops: list[TopTokens] = [[]]
+    for token, position in zip(ids[1:], positions[1:], strict=True):
+        if not position or token not in position:
+            raise GenerationFailedError(f"vLLM gave no logprob for prompt token {token}")
+        chosen.append(float(position[token].logprob))
+        ranked = sorted(((int(t), float(lp.logprob)) for t, lp in position.items()), key=lambda tv: -tv[1])
+        tops.append(ranked[:top_k])
+    return chosen, tops

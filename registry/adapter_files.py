@@ -114,7 +114,7 @@ def read_config(path: Path) -> dict[str, Any]:
     """Read `adapter_config.json` and validate it; returns the config as written (unknown keys kept)."""
     try:
         config = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise InvalidAdapterError(f"{path.name} is not readable JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path.name} must hold a JSON object")
@@ -228,7 +228,7 @@ def parse_safetensors_header(raw: bytes, *, data_size: int, name: str = WEIGHTS_
     """Check the JSON header of a safetensors file against the size of its data section."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidAdapterError(MSG_BAD_HEADER.format(name=name, detail=f"header is not JSON ({exc})")) from exc
     if not isinstance(header, dict):
         raise InvalidAdapterError(MSG_BAD_HEADER.format(name=name, detail="header is not a JSON object"))

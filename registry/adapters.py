@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from registry.errors import AdapterInUseError, NotFoundError
 from registry.models import DEFAULT_TENANT, Adapter, AdapterKind, AdapterStatus, Alias, Document
+from registry.tenancy import Reach, get_owned, within
 
 if TYPE_CHECKING:
     from registry.store import StoredAdapter
@@ -65,9 +66,7 @@ class AdapterCreate:
 def register_adapter(session: Session, data: AdapterCreate) -> Adapter:
     """Record a new version (latest + 1) of the adapter's lineage and return it."""
     if data.document_id is not None:
-        document = session.get(Document, data.document_id)
-        if document is None or document.tenant != data.tenant:
-            raise NotFoundError("document", data.document_id)
+        get_owned(session, Document, data.document_id, data.tenant, "document")
     for attempt in range(REGISTER_ATTEMPTS):
         adapter = _new_version(session, data)
         try:
@@ -97,12 +96,9 @@ def latest_version(session: Session, lineage: str, *, tenant: str = DEFAULT_TENA
     return session.scalar(stmt) or 0
 
 
-def get_adapter(session: Session, adapter_id: int, *, tenant: str | None = DEFAULT_TENANT) -> Adapter:
+def get_adapter(session: Session, adapter_id: int, *, tenant: Reach = DEFAULT_TENANT) -> Adapter:
     """An adapter by id; NotFoundError when absent or another tenant's (tenant=None: any tenant)."""
-    adapter = session.get(Adapter, adapter_id)
-    if adapter is None or (tenant is not None and adapter.tenant != tenant):
-        raise NotFoundError("adapter", adapter_id)
-    return adapter
+    return get_owned(session, Adapter, adapter_id, tenant, "adapter")
 
 
 def get_version(session: Session, lineage: str, version: int, *, tenant: str = DEFAULT_TENANT) -> Adapter:
@@ -115,11 +111,11 @@ def get_version(session: Session, lineage: str, version: int, *, tenant: str = D
 
 
 def list_adapters(
-    session: Session, *, tenant: str = DEFAULT_TENANT, kind: AdapterKind | None = None,
+    session: Session, *, tenant: Reach = DEFAULT_TENANT, kind: AdapterKind | None = None,
     document_id: int | None = None, lineage: str | None = None, limit: int = 100, offset: int = 0,
 ) -> tuple[Sequence[Adapter], int]:
-    """A page of the tenant's adapters (filtered by kind, document, lineage), newest first, and the total."""
-    where = [Adapter.tenant == tenant]
+    """A page of the tenant's adapters (tenant=None: every tenant's), filtered, newest first, and the total."""
+    where = [within(Adapter.tenant, tenant)]
     if kind is not None:
         where.append(Adapter.kind == kind)
     if document_id is not None:
@@ -132,7 +128,7 @@ def list_adapters(
 
 
 def update_metrics(
-    session: Session, adapter_id: int, metrics: dict[str, Any], *, tenant: str | None = DEFAULT_TENANT
+    session: Session, adapter_id: int, metrics: dict[str, Any], *, tenant: Reach = DEFAULT_TENANT
 ) -> Adapter:
     """Merge keys into an adapter's metrics."""
     adapter = get_adapter(session, adapter_id, tenant=tenant)
@@ -141,7 +137,7 @@ def update_metrics(
     return adapter
 
 
-def delete_adapter(session: Session, adapter_id: int, *, tenant: str = DEFAULT_TENANT) -> Adapter:
+def delete_adapter(session: Session, adapter_id: int, *, tenant: Reach = DEFAULT_TENANT) -> Adapter:
     """Delete an adapter row; refused with AdapterInUseError while any alias points at it.
 
     The blob stays until GC finds no row referencing its digest (other versions may share it).

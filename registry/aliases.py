@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from registry.adapters import get_adapter
 from registry.errors import NotFoundError
 from registry.models import DEFAULT_TENANT, Adapter, Alias, utcnow
+from registry.tenancy import Reach, owned, within
 
 
 def set_alias(session: Session, name: str, adapter_id: int, *, tenant: str = DEFAULT_TENANT) -> Alias:
@@ -54,13 +55,14 @@ def get_alias(session: Session, name: str, *, tenant: str = DEFAULT_TENANT) -> A
 
 
 def resolve_alias(session: Session, name: str, *, tenant: str = DEFAULT_TENANT) -> Adapter:
-    """The adapter version an alias points at right now."""
-    return get_alias(session, name, tenant=tenant).adapter
+    """The adapter version an alias points at right now (never another tenant's adapter)."""
+    return owned(get_alias(session, name, tenant=tenant).adapter, tenant, "alias", name)
 
 
-def list_aliases(session: Session, *, tenant: str = DEFAULT_TENANT) -> Sequence[Alias]:
-    """The tenant's aliases, by name."""
-    return session.scalars(select(Alias).where(Alias.tenant == tenant).order_by(Alias.name)).unique().all()
+def list_aliases(session: Session, *, tenant: Reach = DEFAULT_TENANT) -> Sequence[Alias]:
+    """The tenant's aliases (tenant=None: every tenant's), by name."""
+    stmt = select(Alias).where(within(Alias.tenant, tenant)).order_by(Alias.name, Alias.tenant)
+    return session.scalars(stmt).unique().all()
 
 
 def aliases_changed_since(session: Session, since: datetime, *, tenant: str | None = None) -> Sequence[Alias]:

@@ -11,8 +11,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.errors import InvalidScopeError, NotFoundError
+from registry.errors import InvalidScopeError
 from registry.models import DEFAULT_TENANT, ApiKey, utcnow
+from registry.tenancy import Reach, get_owned, within
 
 KEY_PREFIX = "kms_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -20,11 +21,20 @@ DISPLAY_PREFIX_LEN = 12
 
 
 class Scope(enum.StrEnum):
-    """What a key may do; admin implies every other scope."""
+    """What a key may do; admin implies query and upload within its tenant; operator implies admin in every tenant."""
 
     QUERY = "query"
     UPLOAD = "upload"
     ADMIN = "admin"
+    OPERATOR = "operator"
+
+
+def grants(scopes: Iterable[str], scope: Scope) -> bool:
+    """True when holding `scopes` grants `scope` (operator grants all, admin all but operator)."""
+    held = set(scopes)
+    if Scope.OPERATOR.value in held:
+        return True
+    return scope.value in held or (Scope.ADMIN.value in held and scope is not Scope.OPERATOR)
 
 
 def hash_key(plaintext: str) -> str:
@@ -80,32 +90,45 @@ def touch_api_key(session: Session, key_id: int) -> None:
 
 
 def has_scope(key: ApiKey, scope: Scope) -> bool:
-    """True when the key grants `scope` (admin grants all)."""
-    return Scope.ADMIN.value in key.scopes or scope.value in key.scopes
+    """True when the key grants `scope` (see `grants`)."""
+    return grants(key.scopes, scope)
 
 
 def list_api_keys(
-    session: Session, *, tenant: str = DEFAULT_TENANT, include_revoked: bool = False
+    session: Session, *, tenant: Reach = DEFAULT_TENANT, include_revoked: bool = False
 ) -> Sequence[ApiKey]:
-    """The tenant's keys, oldest first."""
-    stmt = select(ApiKey).where(ApiKey.tenant == tenant)
+    """The tenant's keys (tenant=None: every tenant's), oldest first."""
+    stmt = select(ApiKey).where(within(ApiKey.tenant, tenant))
     if not include_revoked:
         stmt = stmt.where(ApiKey.revoked_at.is_(None))
     return session.scalars(stmt.order_by(ApiKey.id)).all()
 
 
-def revoke_api_key(session: Session, key_id: int, *, tenant: str = DEFAULT_TENANT) -> ApiKey:
+def get_api_key(session: Session, key_id: int, *, tenant: Reach = DEFAULT_TENANT) -> ApiKey:
+    """A key by id; NotFoundError when absent or another tenant's (tenant=None: any tenant)."""
+    return get_owned(session, ApiKey, key_id, tenant, "api key")
+
+
+def revoke_api_key(session: Session, key_id: int, *, tenant: Reach = DEFAULT_TENANT) -> ApiKey:
     """Revoke a key: it stops authenticating at once; the row stays for audit."""
-    key = session.get(ApiKey, key_id)
-    if key is None or key.tenant != tenant:
-        raise NotFoundError("api key", key_id)
+    key = get_api_key(session, key_id, tenant=tenant)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         session.flush()
     return key
 
 
-def count_admin_keys(session: Session) -> int:
-    """How many active admin keys exist (the first start creates one when there are none)."""
+def count_keys_with(session: Session, scope: Scope) -> int:
+    """How many active keys grant `scope`."""
     keys = session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
-    return sum(1 for k in keys if Scope.ADMIN.value in k.scopes)
+    return sum(1 for k in keys if grants(k.scopes, scope))
+
+
+def count_admin_keys(session: Session) -> int:
+    """How many active admin keys exist, operator keys included."""
+    return count_keys_with(session, Scope.ADMIN)
+
+
+def count_operator_keys(session: Session) -> int:
+    """How many active operator keys exist (the first start creates one when there are none)."""
+    return count_keys_with(session, Scope.OPERATOR)

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         None, description="HF model id or local path of the generator; unset = the built-in default model."
     )
     model_name: str | None = Field(
-        None, description="Name clients use for the base model (`model`); unset = the base model id or kmserve-tiny."
+        None, description="Name clients use for the base model (`model`); unset = the base model id, or "
+                          "kmserve-reader for the default model."
     )
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest document or adapter upload accepted (413 above)."
@@ -57,6 +58,34 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1, description="Default attempts before a job fails for good.")
     job_retry_backoff_seconds: float = Field(5.0, ge=0, description="First retry delay; doubles per attempt.")
     gc_grace_seconds: float = Field(3600.0, ge=0, description="Orphan blobs younger than this are kept by GC.")
+    max_prompt_tokens: int = Field(
+        0, ge=0, description="Longest prompt, in the generator's tokens, a request may send (400 above); "
+                             "0 = only the model's context limits it."
+    )
+    rate_limit_rps: float = Field(
+        0.0, ge=0, description="Requests per second each API key may make to query routes (query, OpenAI, reads); "
+                               "0 = no limit. Counted per server process."
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Query requests a key may send at once before the rate applies; 0 = twice the rate."
+    )
+    upload_rate_limit_rps: float = Field(
+        0.0, ge=0, description="Requests per second each API key may make to uploads, job commands and /admin; "
+                               "0 = no limit. Counted per server process."
+    )
+    upload_rate_limit_burst: int = Field(
+        0, ge=0, description="Upload and admin requests a key may send at once; 0 = twice the rate."
+    )
+    max_active_jobs_per_tenant: int = Field(
+        16, ge=0, description="Training jobs a tenant may have queued or running at once (429 above); 0 = no limit."
+    )
+    request_timeout_seconds: float = Field(
+        300.0, ge=0, description="Deadline of a query or generation request; the generation is aborted and the "
+                                 "client gets 504 (streams end with an error event). 0 = none. Uploads are exempt."
+    )
+    shutdown_drain_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long requests in flight may finish while new ones get 503."
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -8,13 +8,36 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from registry.errors import RegistryError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option naming how a SQLite transaction begins; the job queue claims under IMMEDIATE so that
 # two claimers serialize on the write lock instead of both reading the same queued row.
 SQLITE_BEGIN = "sqlite_begin"
+MSG_DB_UNAVAILABLE = "the database is unavailable (connection lost, refused or busy); retry in a few seconds."
+# Raised by the driver when a connection dies, is refused or the server is shutting down (OperationalError), when
+# a closed connection is used (InterfaceError), and by the pool when no connection frees up in time (TimeoutError).
+CONNECTION_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)
+
+
+class DatabaseUnavailableError(RegistryError):
+    """The database could not be reached for this request; the next one gets a fresh connection (pre-ping)."""
+
+    code = "database_unavailable"
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__(MSG_DB_UNAVAILABLE)
+
+
+def database_unavailable(exc: BaseException) -> DatabaseUnavailableError | None:
+    """The 503 error for a lost or refused database connection; None for any other database error (a bug)."""
+    invalidated = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    return DatabaseUnavailableError() if invalidated or isinstance(exc, CONNECTION_ERRORS) else None
 
 
 def is_sqlite(engine: Engine) -> bool:

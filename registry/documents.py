@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry.errors import DuplicateError, NotFoundError
+from registry.errors import DuplicateError
 from registry.models import DEFAULT_TENANT, Adapter, Alias, Document, DocumentStatus
+from registry.tenancy import Reach, get_owned, within
 
 
 def content_hash(text: str) -> str:
@@ -62,20 +63,17 @@ def find_by_hash(session: Session, digest: str, *, tenant: str = DEFAULT_TENANT)
     return session.scalars(stmt).one_or_none()
 
 
-def get_document(session: Session, document_id: int, *, tenant: str | None = DEFAULT_TENANT) -> Document:
+def get_document(session: Session, document_id: int, *, tenant: Reach = DEFAULT_TENANT) -> Document:
     """A document by id; NotFoundError when absent or another tenant's (tenant=None: any tenant)."""
-    document = session.get(Document, document_id)
-    if document is None or (tenant is not None and document.tenant != tenant):
-        raise NotFoundError("document", document_id)
-    return document
+    return get_owned(session, Document, document_id, tenant, "document")
 
 
 def list_documents(
-    session: Session, *, tenant: str = DEFAULT_TENANT, status: DocumentStatus | None = None,
+    session: Session, *, tenant: Reach = DEFAULT_TENANT, status: DocumentStatus | None = None,
     limit: int = 100, offset: int = 0,
 ) -> tuple[Sequence[Document], int]:
-    """A page of the tenant's documents, newest first, and the total count."""
-    where = [Document.tenant == tenant]
+    """A page of the tenant's documents (tenant=None: every tenant's), newest first, and the total count."""
+    where = [within(Document.tenant, tenant)]
     if status is not None:
         where.append(Document.status == status)
     total = session.scalar(select(func.count()).select_from(Document).where(*where)) or 0
@@ -84,7 +82,7 @@ def list_documents(
 
 
 def update_document(
-    session: Session, document_id: int, *, tenant: str | None = DEFAULT_TENANT,
+    session: Session, document_id: int, *, tenant: Reach = DEFAULT_TENANT,
     status: DocumentStatus | None = None, token_count: int | None = None, text_uri: str | None = None,
 ) -> Document:
     """Set the fields given (status, token count, text location) and return the document."""
@@ -123,7 +121,7 @@ def revise_document(session: Session, document_id: int, data: DocumentCreate) ->
     return document, True
 
 
-def delete_document(session: Session, document_id: int, *, tenant: str = DEFAULT_TENANT) -> list[Adapter]:
+def delete_document(session: Session, document_id: int, *, tenant: Reach = DEFAULT_TENANT) -> list[Adapter]:
     """Delete a document with its adapters and the aliases pointing at them; return the removed adapters.
 
     Their blobs stay in the store until GC finds them unreferenced, so a crash between the two loses nothing.

@@ -150,8 +150,11 @@ class JobQueue:
                 session.add(new_event(job, JobEventType.CANCEL_REQUESTED, now))
             return job
 
-    def retry(self, job_id: int) -> Job:
-        """Queue a failed or cancelled job again with its attempts reset, and the dependents it took down."""
+    def retry(self, job_id: int, *, guard: Callable[[Session, Sequence[Job]], None] | None = None) -> Job:
+        """Queue a failed or cancelled job again with its attempts reset, and the dependents it took down.
+
+        `guard` sees the requeued jobs before the commit; an error it raises rolls the retry back (a quota).
+        """
         with self._write() as session:
             # Lock the dependency before the job, the order every other transition locks in.
             dependency_id = session.scalar(select(Job.depends_on_id).where(Job.id == job_id))
@@ -162,7 +165,9 @@ class JobQueue:
             if dependency is not None and dependency.status in _ENDED_BADLY:
                 detail = MSG_DEPENDENCY_OF_RETRY.format(job_id=dependency.id, status=dependency.status.value)
                 raise JobStateError(job.id, job.status.value, detail)
-            requeue_with_dependents(session, job, now)
+            requeued = requeue_with_dependents(session, job, now)
+            if guard is not None:
+                guard(session, requeued)
             return job
 
     # -- workers ---------------------------------------------------------------------------------------------

@@ -111,9 +111,9 @@ def cancel_dependents(session: Session, job: Job, now: datetime) -> None:
             pending.append(dependent)
 
 
-def requeue_with_dependents(session: Session, job: Job, now: datetime) -> None:
-    """Queue `job` afresh, and with it, transitively, the dependents its end cancelled."""
-    pending = [job]
+def requeue_with_dependents(session: Session, job: Job, now: datetime) -> list[Job]:
+    """Queue `job` afresh, and with it, transitively, the dependents its end cancelled; returns them all."""
+    pending, requeued = [job], []
     while pending:
         current = pending.pop()
         casualties = select(Job).where(
@@ -122,6 +122,8 @@ def requeue_with_dependents(session: Session, job: Job, now: datetime) -> None:
         )
         pending.extend(session.scalars(casualties.order_by(Job.id).with_for_update()))
         _requeue(session, current, now)
+        requeued.append(current)
+    return requeued
 
 
 def _requeue(session: Session, job: Job, now: datetime) -> None:

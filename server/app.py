@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from registry.config import Settings, get_settings
 from server.bootstrap import ensure_admin_key
 from server.errors import install_body_limit, install_error_handlers
+from server.limits import install_limits
 from server.metrics import ServerMetrics, install_metrics
 from server.routes import admin_access, admin_adapters, documents, health, jobs, openai_compat, query
 from server.services.adapters import AdapterService
@@ -41,6 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Knowledge modules: per-document LoRA adapters, trained and served.")
     app.state.metrics = ServerMetrics()
     install_error_handlers(app)
+    # Innermost middleware: its refusals (429, 503, 504) are counted by the metrics around it, and a request's
+    # deadline cancels only the route itself.
+    install_limits(app, settings)
     install_metrics(app, app.state.metrics)
     install_body_limit(app, settings.max_upload_bytes)
     app.include_router(health.router)

@@ -2,18 +2,23 @@
 
 Keys arrive as `Authorization: Bearer <key>` (what the OpenAI client sends) or `X-API-Key: <key>`.
 With KMSERVE_AUTH=off every request acts as the default tenant with every scope.
+
+Tenancy: a key reaches only its tenant's objects (another tenant's read as missing: 404); an operator key reaches
+every tenant's, and may name one with `?tenant=` to list or act there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fastapi import Request
 
-from registry.api_keys import Scope, authenticate, last_use_is_stale, touch_api_key
+from registry.api_keys import Scope, authenticate, grants, last_use_is_stale, touch_api_key
 from registry.db import transaction, write_transaction
 from registry.errors import RegistryError
 from registry.models import DEFAULT_TENANT
+from registry.tenancy import Reach
 from server.state import AppState
 
 MSG_NO_KEY = "missing or invalid API key; send 'Authorization: Bearer <key>' (the admin key is in the data dir)."
@@ -49,8 +54,32 @@ class Principal:
     key_id: int | None = None
 
     def allows(self, scope: Scope) -> bool:
-        """True when the principal holds `scope` (admin holds all)."""
-        return Scope.ADMIN.value in self.scopes or scope.value in self.scopes
+        """True when the principal holds `scope` (operator holds all; admin all but operator)."""
+        return grants(self.scopes, scope)
+
+    @property
+    def operator(self) -> bool:
+        """True for an operator, who reaches every tenant."""
+        return self.allows(Scope.OPERATOR)
+
+    @property
+    def reach(self) -> Reach:
+        """Whose objects this caller may read and act on by id: its tenant's, or everyone's (None) for an operator."""
+        return None if self.operator else self.tenant
+
+    def listing(self, tenant: str | None = None) -> Reach:
+        """Whose objects a list shows: `tenant` when given (another tenant needs operator), else everything in reach."""
+        if tenant is None:
+            return self.reach
+        return self.acting_for(tenant)
+
+    def acting_for(self, tenant: str | None = None) -> str:
+        """The tenant a create or a by-name action works in: the caller's own, or (operator only) the one named."""
+        if tenant is None or tenant == self.tenant:
+            return self.tenant
+        if not self.operator:
+            raise ForbiddenError(Scope.OPERATOR)
+        return tenant
 
 
 ANONYMOUS_ADMIN = Principal(tenant=DEFAULT_TENANT, scopes=frozenset(s.value for s in Scope))
@@ -88,3 +117,9 @@ def require(principal: Principal, scope: Scope) -> Principal:
     if not principal.allows(scope):
         raise ForbiddenError(scope)
     return principal
+
+
+def require_grant(principal: Principal, tenant: str, scopes: Iterable[str]) -> None:
+    """403 for a key only an operator may create or revoke: one of another tenant, or an operator key."""
+    if tenant != principal.tenant or grants(scopes, Scope.OPERATOR):
+        require(principal, Scope.OPERATOR)

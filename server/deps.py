@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from registry.api_keys import Scope
 from server.auth import Principal, authenticate_request, require
@@ -55,6 +55,10 @@ def _scoped(scope: Scope) -> object:
     dependency.__name__ = f"require_{scope.value}"
     return Depends(dependency)
 
+
+# `?tenant=`: an operator lists or acts in that tenant; any other key may name only its own (else 403).
+TenantQuery = Annotated[str | None, Query(
+    min_length=1, max_length=64, description="Operator keys: the tenant to list or act in. Other keys: their own.")]
 
 QueryPrincipal = Annotated[Principal, _scoped(Scope.QUERY)]
 UploadPrincipal = Annotated[Principal, _scoped(Scope.UPLOAD)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from server.schemas.common import DB_INT_MAX
+
 MEDIA_TYPE = "text/event-stream"
 # No caching, and no buffering by reverse proxies (nginx honours X-Accel-Buffering), so events arrive as sent.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,8 +51,8 @@ def format_comment(text: str = "ping") -> str:
 def resume_after(request: Request, after: int | None) -> int:
     """The last event id the client saw: its `Last-Event-ID` header (sent on reconnect), else `after`, else 0."""
     header = request.headers.get(LAST_EVENT_ID, "").strip()
-    if header.isdigit():
-        return int(header)
+    if header.isascii() and header.isdigit():
+        return min(int(header), DB_INT_MAX)  # no event id is larger
     return max(after or 0, 0)
 
 

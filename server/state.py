@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.orm import Session, sessionmaker
 
+from engines.default_model import default_model_id
 from registry.config import Settings
 from registry.db import make_engine, make_session_factory, migrate
 from registry.queue import JobQueue
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from engines.embedder import Embedder
     from registry.vector_index import VectorIndex
 
-DEFAULT_MODEL_ID = "kmserve-tiny"
 
 
 @dataclass
@@ -54,7 +54,7 @@ class AppState:
     @property
     def base_model_id(self) -> str:
         """The id clients name the base model by (`model` in the OpenAI routes)."""
-        return self.settings.model_name or self.settings.base_model or DEFAULT_MODEL_ID
+        return self.settings.model_name or self.settings.base_model or default_model_id()
 
     def require_generator(self) -> Engine:
         """The generation engine; EngineUnavailableError while it is not started."""

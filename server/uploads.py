@@ -46,7 +46,7 @@ async def read_document_upload(request: Request, limit: int) -> DocumentUpload:
 def bounded_request(request: Request, cap: int, limit: int) -> Request:
     """The request with a body that raises PayloadTooLargeError(limit) once more than `cap` bytes arrived."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
+    if declared.isascii() and declared.isdigit() and int(declared) > cap:
         raise PayloadTooLargeError(limit, "document")
     received = 0
 

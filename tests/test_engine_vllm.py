@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from engines.base import AdapterHandle, EngineConfig, GenerationRequest, SamplingParams
+from engines.base import AdapterHandle, EngineConfig, GenerationRequest, SamplingParams, ScoreRequest
 from engines.errors import (
     AdapterCapacityError,
+    ContextLengthError,
     EngineUnavailableError,
     GenerationFailedError,
     InvalidRequestError,
@@ -72,6 +73,30 @@ def test_vllm_engine_contract(check: Callable[..., Coroutine[Any, Any, None]],
                               gpu_run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
     engine, loras = gpu_setup
     gpu_run(check(engine, loras))
+
+
+@pytest.mark.gpu
+def test_vllm_prompt_logprobs_match_transformers(gpu_setup: tuple[VLLMEngine, list[AdapterHandle]],
+                                                 gpu_run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine, loras = gpu_setup
+    prompt = contract.PROMPTS[1]
+    result = gpu_run(engine.score(ScoreRequest(prompt, adapter=loras[0], top_logprobs=2)))
+    ids = [t.token_id for t in result.tokens]
+    assert ids == list(engine.tokenizer(prompt)["input_ids"]) and result.tokens[0].logprob is None
+    model_dir = loras[0].path.parent / "model"
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                          str(loras[0].path)).eval()
+    with torch.no_grad():
+        table = reference(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    expected = [float(table[t, ids[t + 1]]) for t in range(len(ids) - 1)]
+    # vLLM runs the float32 checkpoint in 16-bit precision (dtype "auto"), hence the loose tolerance.
+    assert [t.logprob for t in result.tokens[1:]] == pytest.approx(expected, abs=0.1)
+    assert all(len(t.top) == 2 for t in result.tokens[1:])
+    gpu_run(contract.unload_all(engine))
 
 
 # -- CPU: import guard -----------------------------------------------------------------------------------------
@@ -213,5 +238,79 @@ def test_fake_vllm_maps_errors_and_aborts(adapters: list[AdapterHandle]) -> None
         await stream.aclose()  # the client went away: vLLM's generator is closed (vLLM aborts there)
         assert client.aborted and engine.stats().running == 0
         await engine.unload_adapter(adapters[0].id)  # its reference was released, so this does not wait
+
+    asyncio.run(body())
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+    rank: int
+
+
+class ScoringClient(FakeClient):
+    """Plays vLLM answering a prompt_logprobs request: the parts of the prompt logprobs, then the one token."""
+
+    def __init__(self, parts: list[list[Any]]) -> None:
+        super().__init__()
+        self.parts = parts
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *,
+                       lora_request: Any = None) -> AsyncIterator[Any]:
+        self.calls.append(("generate", prompt, sampling_params, request_id, lora_request))
+        for i, part in enumerate(self.parts):
+            last = i == len(self.parts) - 1
+            completion = SimpleNamespace(text="x" if last else "", token_ids=[7] if last else [],
+                                         finish_reason="length" if last else None)
+            yield SimpleNamespace(prompt_logprobs=part, outputs=[completion])
+
+
+def scripted_positions(ids: list[int]) -> list[Any]:
+    """Per position: two likelier tokens (900, 901) and the prompt's own token ranked third."""
+    return [None, *({token: FakeLogprob(-3.0 - i, 3), 900: FakeLogprob(-0.5, 1), 901: FakeLogprob(-1.0, 2)}
+                    for i, token in enumerate(ids[1:]))]
+
+
+def test_fake_vllm_scores_the_prompt_and_drops_the_generated_token(adapters: list[AdapterHandle]) -> None:
+    async def body() -> None:
+        tokenizer = build_tokenizer()
+        prompt = "Hello there, the river"
+        ids = list(tokenizer(prompt)["input_ids"])
+        positions = scripted_positions(ids)
+        client = ScoringClient([positions[:2], positions[2:]])  # a chunked prefill hands them over in parts
+        engine = fake_engine(client)
+        result = await engine.score(ScoreRequest(prompt, adapter=adapters[0], top_logprobs=2))
+        assert [t.token_id for t in result.tokens] == ids
+        assert [t.logprob for t in result.tokens] == [None, *(-3.0 - i for i in range(len(ids) - 1))]
+        likely = (tokenizer.decode([900]), -0.5), (tokenizer.decode([901]), -1.0)
+        assert result.tokens[0].top == () and all(t.top == likely for t in result.tokens[1:])
+        assert result.tokens[0].offset == 0
+        assert all(prompt[t.offset:].startswith(t.text) for t in result.tokens[1:])
+        _, sent, params, request_id, lora = client.calls[-1]
+        assert sent == {"prompt_token_ids": ids} and request_id == result.request_id
+        assert (params.prompt_logprobs, params.max_tokens, params.temperature) == (2, 1, 0.0)
+        assert lora == FakeLoRARequest("101", 101, str(adapters[0].path))
+        one_top = await engine.score(ScoreRequest(prompt, top_logprobs=1))
+        assert all(t.top == likely[:1] for t in one_top.tokens[1:])
+        assert engine.stats().running == 0
+        await engine.unload_adapter(adapters[0].id)  # the scoring request released it, so this does not wait
+
+    asyncio.run(body())
+
+
+def test_fake_vllm_scoring_errors(adapters: list[AdapterHandle]) -> None:
+    async def body() -> None:
+        ids = list(build_tokenizer()("Hello there")["input_ids"])
+        short = fake_engine(ScoringClient([scripted_positions(ids)[:-1]]))
+        with pytest.raises(GenerationFailedError, match="scored"):
+            await short.score(ScoreRequest("Hello there"))
+        with pytest.raises(GenerationFailedError, match="no prompt log-probabilities"):
+            await fake_engine(ScoringClient([[]])).score(ScoreRequest("Hello there"))
+        failing = FakeClient(error=ValueError("prompt_logprobs 30 exceeds max_logprobs 20"))
+        with pytest.raises(InvalidRequestError, match="max_logprobs"):
+            await fake_engine(failing).score(ScoreRequest("Hello there", adapter=adapters[1]))
+        tight = VLLMEngine(ScoringClient([]), build_tokenizer(), context_limit=len(ids), api=FAKE_API)
+        with pytest.raises(ContextLengthError):
+            await tight.score(ScoreRequest("Hello there"))
 
     asyncio.run(body())

@@ -321,10 +321,13 @@ def test_list_filters_and_pages(client: TestClient, admin: dict[str, str], loras
 def test_other_tenants_adapters_are_404(client: TestClient, admin: dict[str, str]) -> None:
     with transaction(_state(client).sessions) as session:
         foreign = make_adapter(session, tenant="other").id
-    assert client.get("/admin/adapters", headers=admin).json()["count"] == 0
-    for response in (client.get(f"/admin/adapters/{foreign}", headers=admin),
-                     client.delete(f"/admin/adapters/{foreign}", headers=admin),
-                     client.post(f"/admin/adapters/{foreign}/load", headers=admin)):
+    # The first-start key is an operator's (it reaches every tenant); a tenant admin key does not.
+    created = client.post("/admin/keys", json={"name": "tenant admin", "scopes": ["admin"]}, headers=admin)
+    tenant_admin = {"Authorization": f"Bearer {created.json()['key']}"}
+    assert client.get("/admin/adapters", headers=tenant_admin).json()["count"] == 0
+    for response in (client.get(f"/admin/adapters/{foreign}", headers=tenant_admin),
+                     client.delete(f"/admin/adapters/{foreign}", headers=tenant_admin),
+                     client.post(f"/admin/adapters/{foreign}/load", headers=tenant_admin)):
         assert _error(response, 404, "not_found") == MSG_NOT_FOUND.format(what="adapter", ref=foreign)
 
 

@@ -144,7 +144,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
 
 def _ingest(ctx: JobContext, document: Document) -> dict[str, Any]:
-    chunking = ChunkingConfig.from_payload(ctx.payload)
+    # Chunking options may come at the top level or with the upload's training options (`train`).
+    chunking = ChunkingConfig.from_payload({**(ctx.payload.get("train") or {}), **ctx.payload})
     ctx.report(0.0, "extracting text")
     text = extract_text(_read_upload(ctx, document), _media_type(ctx, document),
                         ExtractLimits().tightened(ctx.payload))

@@ -127,7 +127,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     chunks_uri = document.artifacts.get("chunks")
     if not chunks_uri:
         raise PermanentJobError(MSG_NOT_INGESTED.format(document_id=document.id))
-    profile = resolve_profile(ctx.settings, ctx.payload.get("profile"))
+    train_options = ctx.payload.get("train") or {}
+    profile = resolve_profile(ctx.settings, ctx.payload.get("profile") or train_options.get("profile"))
     model = resolve_base_model(ctx.settings)
     key = artifacts.synthetic_key(chunks_uri, model, profile.name, PROMPT_VERSION)
     entry = _reusable(ctx, document.artifacts, key)

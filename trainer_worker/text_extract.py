@@ -1,24 +1,30 @@
 """Text out of an upload (UTF-8 .txt/.md, or a PDF through pypdf) and the normalization every document gets.
 
-PDFs are untrusted input: the page count and the extracted text are capped (a small file can expand into a huge
-one), pypdf's own decompression limits apply, and anything pypdf cannot parse is a permanent failure, since
+PDFs are untrusted input: a file of a few kilobytes can declare millions of pages, nest objects without end, or
+inflate into gigabytes of drawing operators that take pypdf hours to walk. So a PDF is read in a child process
+with a wall-clock limit and an address-space limit, the page count, each page's decoded content and the extracted
+text are capped, pypdf's own decompression limits apply, and anything that fails is a permanent failure, since
 reading the same bytes again cannot succeed.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
+import subprocess
+import sys
 import unicodedata
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer_worker.context import PermanentJobError
 
 if TYPE_CHECKING:
-    from pypdf import PdfReader
+    from pypdf import PageObject, PdfReader
 
 TEXT_TYPES = ("text/plain", "text/markdown")
 PDF_TYPE = "application/pdf"
@@ -31,7 +37,17 @@ MSG_PDF_UNREADABLE = "the PDF could not be read ({detail}); re-export it or uplo
 MSG_PDF_ENCRYPTED = "the PDF is encrypted (password protected); upload an unprotected copy or its text as .txt."
 MSG_PDF_TOO_MANY_PAGES = "the PDF has {pages} pages, more than the {limit} accepted; split it into smaller documents."
 MSG_PDF_NO_TEXT = "the PDF has no extractable text (scanned pages or images only?); OCR it or upload its text as .txt."
+MSG_PDF_PAGE_CONTENT = (
+    "page {page} of the PDF inflates to {size} bytes of drawing instructions, more than the {limit} accepted per page; "
+    "upload its text as .txt."
+)
+MSG_PDF_TIMEOUT = "reading the PDF took longer than {seconds} s, so it was stopped; upload its text as .txt."
+MSG_PDF_MEMORY = "reading the PDF needed more than {limit} bytes of memory, so it was stopped; upload its text as .txt."
+MSG_PDF_CRASHED = "the PDF reader stopped with exit status {status} ({detail}); re-export the PDF or upload its text."
 MSG_LIMIT = "extraction limit {field} must be an integer >= 1, got {value!r}"
+
+# `python -m trainer_worker.text_extract` runs from the directory that holds the package.
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 # Errors pypdf raises on malformed files besides its own PyPdfError tree.
 _PDF_PARSE_ERRORS: tuple[type[Exception], ...] = (
@@ -51,22 +67,31 @@ class ExtractionError(PermanentJobError):
 
 @dataclass(frozen=True)
 class ExtractLimits:
-    """Caps on what one document may expand into."""
+    """Caps on what one document may expand into, and on the time and memory reading a PDF may take."""
 
     max_pages: int = 2000
     max_chars: int = 10_000_000
+    # Decoded content stream of one page: dense text is tens of kilobytes; pypdf walks about 100 KB a second.
+    max_page_content_bytes: int = 4 * 1024 * 1024
+    max_seconds: int = 300
+    # Memory the PDF reader may take on top of what the child process holds when it starts.
+    max_memory_bytes: int = 2 * 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_pages", "max_chars"):
+        for name in self.names():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ExtractionError(MSG_LIMIT.format(field=name, value=value))
 
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names of the limits (also the job payload keys that lower them)."""
+        return tuple(f.name for f in fields(cls))
+
     def tightened(self, payload: dict[str, Any]) -> ExtractLimits:
-        """These limits, lowered (never raised) by `max_pages` / `max_chars` in a job payload."""
-        lowered = {name: payload[name] for name in ("max_pages", "max_chars") if name in payload}
-        candidate = replace(self, **lowered)
-        return ExtractLimits(min(self.max_pages, candidate.max_pages), min(self.max_chars, candidate.max_chars))
+        """These limits, lowered (never raised) by keys of the same names in a job payload."""
+        candidate = ExtractLimits(**{name: payload.get(name, getattr(self, name)) for name in self.names()})
+        return ExtractLimits(**{name: min(getattr(self, name), getattr(candidate, name)) for name in self.names()})
 
 
 def extract_text(data: bytes, media_type: str, limits: ExtractLimits) -> str:
@@ -104,7 +129,31 @@ def normalize_text(text: str) -> str:
 
 
 def extract_pdf_text(data: bytes, limits: ExtractLimits) -> str:
-    """The text of every page, pages separated by a blank line; refuses encrypted and oversized PDFs."""
+    """The text of every page, read in a child process that is stopped past `max_seconds` or `max_memory_bytes`."""
+    command = [sys.executable, "-m", "trainer_worker.text_extract", json.dumps(asdict(limits))]
+    try:
+        done = subprocess.run(command, input=data, capture_output=True, timeout=limits.max_seconds,
+                              cwd=_PACKAGE_ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        raise ExtractionError(MSG_PDF_TIMEOUT.format(seconds=limits.max_seconds)) from None
+    return _child_result(done)
+
+
+def _child_result(done: subprocess.CompletedProcess[bytes]) -> str:
+    try:
+        result = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise ExtractionError(MSG_PDF_CRASHED.format(status=done.returncode, detail=detail[0][:200]))
+    if "error" in result:
+        raise ExtractionError(str(result["error"]))
+    return str(result["text"])
+
+
+def read_pdf_text(data: bytes, limits: ExtractLimits) -> str:
+    """The text of every page, pages separated by a blank line, read in this process (no time or memory limit)."""
     from pypdf.errors import PyPdfError
 
     parse_errors: tuple[type[Exception], ...] = (PyPdfError, *_PDF_PARSE_ERRORS)
@@ -137,7 +186,8 @@ def _pages_text(reader: PdfReader, limits: ExtractLimits) -> list[str]:
         raise ExtractionError(MSG_PDF_TOO_MANY_PAGES.format(pages=pages, limit=limits.max_pages))
     texts: list[str] = []
     size = 0
-    for page in reader.pages:
+    for number, page in enumerate(reader.pages, 1):
+        _check_page_content(page, number, limits)
         text = page.extract_text() or ""
         size += len(text)
         # Checked page by page so that a bomb stops at the first page past the cap, not after all of them.
@@ -145,3 +195,39 @@ def _pages_text(reader: PdfReader, limits: ExtractLimits) -> list[str]:
             raise ExtractionError(MSG_TEXT_TOO_LARGE.format(limit=limits.max_chars))
         texts.append(text)
     return texts
+
+
+def _check_page_content(page: PageObject, number: int, limits: ExtractLimits) -> None:
+    # Decoding is fast (and capped by pypdf); walking the operators is what takes long, so it is refused first.
+    contents = page.get_contents()
+    size = len(contents.get_data()) if contents is not None else 0
+    if size > limits.max_page_content_bytes:
+        raise ExtractionError(MSG_PDF_PAGE_CONTENT.format(page=number, size=size, limit=limits.max_page_content_bytes))
+
+
+def _limit_memory(extra_bytes: int) -> None:
+    """Cap this process's address space at what it holds now plus `extra_bytes` (MemoryError beyond)."""
+    import os
+    import resource
+
+    held = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (held + extra_bytes, held + extra_bytes))
+
+
+def _child_main(argv: list[str]) -> int:
+    """Read a PDF from stdin and write {"text"} or {"error"} as JSON to stdout (the child of extract_pdf_text)."""
+    limits = ExtractLimits(**json.loads(argv[1]))
+    data = sys.stdin.buffer.read()
+    _limit_memory(limits.max_memory_bytes)
+    try:
+        result = {"text": read_pdf_text(data, limits)}
+    except ExtractionError as exc:
+        result = {"error": str(exc)}
+    except MemoryError:
+        result = {"error": MSG_PDF_MEMORY.format(limit=limits.max_memory_bytes)}
+    sys.stdout.write(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv))

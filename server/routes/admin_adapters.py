@@ -1,4 +1,5 @@
-"""Admin routes for adapters and the generation engine (admin scope; other tenants' adapters are 404)."""
+"""Admin routes for adapters and the generation engine (admin scope; other tenants' adapters are 404 unless the key
+is an operator's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, 
 
 from registry.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from registry.models import AdapterKind
-from server.deps import AdapterServiceDep, AdminPrincipal, StateDep
+from server.deps import AdapterServiceDep, AdminPrincipal, StateDep, TenantQuery
 from server.schemas.adapters import (
     AdapterLoad,
     AdapterPin,
@@ -19,6 +20,7 @@ from server.schemas.adapters import (
     EngineAdapterPublic,
     EnginePublic,
 )
+from server.schemas.common import DB_INT_MAX, IdPath, IdQuery, NameQuery, OffsetQuery
 from server.services.adapter_uploads import UploadPart, upload_target
 from server.services.admin_adapters import AdapterFilters, AdminAdapterService
 
@@ -56,12 +58,13 @@ def upload_parts(
 @router.get("/adapters", response_model=AdaptersPublic)
 def list_adapters(
     principal: AdminPrincipal, service: AdminAdaptersDep, kind: AdapterKind | None = None,
-    document_id: int | None = None, lineage: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
+    document_id: IdQuery = None, lineage: NameQuery = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: OffsetQuery = 0,
+    tenant: TenantQuery = None,
 ) -> AdaptersPublic:
-    """List the tenant's adapter versions, newest first (filter by kind, document, lineage)."""
+    """List the tenant's adapter versions, newest first (filter by kind, document, lineage; operator: tenant)."""
     filters = AdapterFilters(kind=kind, document_id=document_id, lineage=lineage, limit=limit, offset=offset)
-    return service.list_adapters(principal.tenant, filters)
+    return service.list_adapters(principal.listing(tenant), filters)
 
 
 @router.post("/adapters", response_model=AdapterPublic, status_code=status.HTTP_201_CREATED,
@@ -70,7 +73,8 @@ def upload_adapter(
     principal: AdminPrincipal, service: AdminAdaptersDep,
     kind: Annotated[AdapterUploadKind, Form(description="km, ke, compressor, reranker or reasoner.")],
     lineage: Annotated[str | None, Form(description="Lineage; km default `km:<document_id>`, else required.")] = None,
-    document_id: Annotated[int | None, Form(ge=1, description="The tenant's document; required for km.")] = None,
+    document_id: Annotated[int | None, Form(
+        ge=1, le=DB_INT_MAX, description="The tenant's document; required for km.")] = None,
     alias: Annotated[str | None, Form(description=(
         "Alias to point at the new version. Omitted: km moves `km:<document_id>`, other kinds set none. "
         "`false`: set none."))] = None,
@@ -79,50 +83,55 @@ def upload_adapter(
     files: Annotated[list[UploadFile] | None, File(description=(
         "Alternative to the two fields: files named adapter_config.json and adapter_model.safetensors "
         "(others such as README.md are ignored)."))] = None,
+    tenant: TenantQuery = None,
 ) -> AdapterPublic:
     """Upload a PEFT LoRA adapter; it is validated against the base model before anything is stored."""
+    owner = principal.acting_for(tenant)
     target = upload_target(kind, lineage=lineage, document_id=document_id, alias=alias)
-    return service.upload(principal.tenant, target, upload_parts(adapter_config, adapter_model, files))
+    return service.upload(owner, target, upload_parts(adapter_config, adapter_model, files))
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterPublic)
-def get_adapter(adapter_id: int, principal: AdminPrincipal, service: AdminAdaptersDep) -> AdapterPublic:
+def get_adapter(adapter_id: IdPath, principal: AdminPrincipal, service: AdminAdaptersDep) -> AdapterPublic:
     """One adapter version: every registry field and the aliases pointing at it."""
-    return service.get_adapter(principal.tenant, adapter_id)
+    return service.get_adapter(principal.reach, adapter_id)
 
 
 @router.delete("/adapters/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT,
                responses={409: {"description": "an alias points at it (adapter_in_use)"}})
-async def delete_adapter(adapter_id: int, principal: AdminPrincipal, service: AdminAdaptersDep) -> None:
+async def delete_adapter(adapter_id: IdPath, principal: AdminPrincipal, service: AdminAdaptersDep) -> None:
     """Delete an adapter version (refused while aliased) and unload it; its blob is left to GC."""
-    await service.delete_adapter(principal.tenant, adapter_id)
+    await service.delete_adapter(principal.reach, adapter_id)
 
 
 @router.get("/engine", response_model=EnginePublic)
-async def get_engine(principal: AdminPrincipal, service: AdminAdaptersDep) -> EnginePublic:
-    """The engine: resident adapters, capacity, cache and batching counters."""
-    return await service.engine(principal.tenant)
+async def get_engine(principal: AdminPrincipal, service: AdminAdaptersDep, tenant: TenantQuery = None
+                     ) -> EnginePublic:
+    """The engine: the tenant's resident adapters (operator: every tenant's), capacity, cache and batching counters."""
+    return await service.engine(principal.listing(tenant))
 
 
 @router.post("/adapters/{adapter_id}/load", response_model=EngineAdapterPublic)
 async def load_adapter(
-    adapter_id: int, principal: AdminPrincipal, service: AdminAdaptersDep, body: AdapterLoad | None = None
+    adapter_id: IdPath, principal: AdminPrincipal, service: AdminAdaptersDep, body: AdapterLoad | None = None
 ) -> EngineAdapterPublic:
     """Load an adapter into the engine from its verified files (body `{"pin": true}` also pins it)."""
-    return await service.load(principal.tenant, adapter_id, pin=(body or AdapterLoad()).pin)
+    return await service.load(principal.reach, adapter_id, pin=(body or AdapterLoad()).pin)
 
 
 @router.post("/adapters/{adapter_id}/unload", response_model=EngineAdapterPublic,
              responses={404: {"description": "not loaded (adapter_not_loaded) or no such adapter"}})
-async def unload_adapter(adapter_id: int, principal: AdminPrincipal, service: AdminAdaptersDep) -> EngineAdapterPublic:
+async def unload_adapter(
+    adapter_id: IdPath, principal: AdminPrincipal, service: AdminAdaptersDep
+) -> EngineAdapterPublic:
     """Unload an adapter from the engine once its in-flight requests finish."""
-    return await service.unload(principal.tenant, adapter_id)
+    return await service.unload(principal.reach, adapter_id)
 
 
 @router.post("/adapters/{adapter_id}/pin", response_model=EngineAdapterPublic,
              responses={404: {"description": "not loaded (adapter_not_loaded) or no such adapter"}})
 async def pin_adapter(
-    adapter_id: int, principal: AdminPrincipal, service: AdminAdaptersDep, body: AdapterPin | None = None
+    adapter_id: IdPath, principal: AdminPrincipal, service: AdminAdaptersDep, body: AdapterPin | None = None
 ) -> EngineAdapterPublic:
     """Pin a loaded adapter so it is never evicted (body `{"pinned": false}` unpins)."""
-    return await service.pin(principal.tenant, adapter_id, pinned=(body or AdapterPin()).pinned)
+    return await service.pin(principal.reach, adapter_id, pinned=(body or AdapterPin()).pinned)

@@ -10,7 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.status import HTTP_202_ACCEPTED
 
 from registry.models import JobStatus
-from server.deps import AdminPrincipal, QueryPrincipal, StateDep, UploadPrincipal
+from server.deps import AdminPrincipal, QueryPrincipal, StateDep, TenantQuery, UploadPrincipal
+from server.schemas.common import DB_INT_MAX, IdPath, IdQuery, NameQuery, OffsetQuery
 from server.schemas.jobs import JobPublic, JobsPublic, TrainJobCreate
 from server.services.jobs import JobService
 from server.sse import MEDIA_TYPE, StreamSettings, event_stream_response, get_stream_settings, poll_stream, resume_after
@@ -34,48 +35,50 @@ EVENTS_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @public.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: int, principal: QueryPrincipal, service: JobServiceDep) -> JobPublic:
+def get_job(job_id: IdPath, principal: QueryPrincipal, service: JobServiceDep) -> JobPublic:
     """A job: kind, status, progress, message, metrics and error."""
-    return service.get(job_id, principal.tenant)
+    return service.get(job_id, principal.reach)
 
 
 @public.get("/{job_id}/events", response_class=StreamingResponse, responses=EVENTS_RESPONSES)
 async def follow_job(
-    job_id: int, request: Request, principal: QueryPrincipal, service: JobServiceDep, pacing: StreamSettingsDep,
-    after: Annotated[int | None, Query(ge=0, description="Send events after this id (or send Last-Event-ID).")] = None,
+    job_id: IdPath, request: Request, principal: QueryPrincipal, service: JobServiceDep, pacing: StreamSettingsDep,
+    after: Annotated[int | None, Query(
+        ge=0, le=DB_INT_MAX, description="Send events after this id (or send Last-Event-ID).")] = None,
 ) -> StreamingResponse:
     """Follow a job as server-sent events until it ends."""
-    feed = await run_in_threadpool(service.feed, job_id, principal.tenant, resume_after(request, after))
+    feed = await run_in_threadpool(service.feed, job_id, principal.reach, resume_after(request, after))
     return event_stream_response(poll_stream(feed.poll, request.is_disconnected, pacing))
 
 
 @public.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, principal: UploadPrincipal, service: JobServiceDep) -> JobPublic:
+def cancel_job(job_id: IdPath, principal: UploadPrincipal, service: JobServiceDep) -> JobPublic:
     """Cancel a queued job, or ask a running one to stop; 409 once it has ended."""
-    return service.cancel(job_id, principal.tenant)
+    return service.cancel(job_id, principal.reach)
 
 
 @admin.get("/jobs", response_model=JobsPublic)
 def list_jobs(
-    principal: AdminPrincipal, service: JobServiceDep, status: JobStatus | None = None, kind: str | None = None,
-    document_id: int | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    principal: AdminPrincipal, service: JobServiceDep, status: JobStatus | None = None, kind: NameQuery = None,
+    document_id: IdQuery = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: OffsetQuery = 0, tenant: TenantQuery = None,
 ) -> JobsPublic:
-    """List the tenant's jobs, newest first, filtered by status, kind and document."""
-    return service.list_jobs(principal.tenant, status=status, kind=kind, document_id=document_id,
+    """List the tenant's jobs (an operator: every tenant's), newest first, filtered by status, kind and document."""
+    return service.list_jobs(principal.listing(tenant), status=status, kind=kind, document_id=document_id,
                              limit=limit, offset=offset)
 
 
 @admin.post("/jobs/{job_id}/retry", response_model=JobPublic)
-def retry_job(job_id: int, principal: AdminPrincipal, service: JobServiceDep) -> JobPublic:
+def retry_job(job_id: IdPath, principal: AdminPrincipal, service: JobServiceDep) -> JobPublic:
     """Queue a failed or cancelled job again, with the jobs that waited on it."""
-    return service.retry(job_id, principal.tenant)
+    return service.retry(job_id, principal.reach)
 
 
 @admin.post("/train", response_model=JobPublic, status_code=HTTP_202_ACCEPTED)
-def train(body: TrainJobCreate, principal: AdminPrincipal, service: JobServiceDep) -> JobPublic:
+def train(body: TrainJobCreate, principal: AdminPrincipal, service: JobServiceDep, tenant: TenantQuery = None
+          ) -> JobPublic:
     """Queue a training job: knowledge extractor, compressor, reranker, reasoner or knowledge module."""
-    return service.submit_training(body, principal.tenant)
+    return service.submit_training(body, principal.acting_for(tenant))
 
 
 router = APIRouter()

@@ -44,4 +44,4 @@ async def completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream_response(service.stream_completion(admissions[0], include_usage))
-    return await service.completions(admissions)
+    return await service.completions(admissions, body)

@@ -7,13 +7,15 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.api_keys import Scope
+from server.schemas.common import DB_INT_MAX, Text
 
 
 class ApiKeyCreate(BaseModel):
     """A key to create."""
 
-    name: str = Field(min_length=1, max_length=255)
-    scopes: list[Scope] = Field(min_length=1, description="query, upload and/or admin (admin implies all).")
+    name: Text = Field(min_length=1, max_length=255)
+    scopes: list[Scope] = Field(min_length=1, description=(
+        "query, upload, admin (implies query and upload) and/or operator (admin of every tenant; operator only)."))
 
 
 class ApiKeyPublic(BaseModel):
@@ -47,7 +49,7 @@ class ApiKeysPublic(BaseModel):
 class AliasUpdate(BaseModel):
     """Where an alias should point."""
 
-    adapter_id: int = Field(ge=1)
+    adapter_id: int = Field(ge=1, le=DB_INT_MAX)
 
 
 class AliasPublic(BaseModel):
@@ -56,6 +58,7 @@ class AliasPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     name: str
+    tenant: str
     adapter_id: int
     lineage: str
     version: int

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Json
+from pydantic import BaseModel, ConfigDict, Field, Json, model_validator
 
 from registry.models import DocumentStatus
+from server.schemas.common import JsonObject, Text, check_json
 from server.schemas.jobs import JobPublic
 
 TrainMethod = Literal["sdcd", "ddcd", "lm", "none"]
@@ -25,21 +26,26 @@ class TrainOptions(BaseModel):
     steps: int | None = Field(None, ge=1, description="Optimizer steps; unset = the training profile's default.")
     rank: int | None = Field(None, ge=1, description="LoRA rank; unset = 16.")
 
+    @model_validator(mode="after")
+    def _storable_extras(self) -> TrainOptions:
+        check_json(self.model_extra or {})
+        return self
+
 
 class DocumentCreate(BaseModel):
     """A document given as text (the JSON form of an upload)."""
 
-    title: str = Field(min_length=1, max_length=TITLE_MAX)
+    title: Text = Field(min_length=1, max_length=TITLE_MAX)
     text: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
     train: TrainOptions = Field(default_factory=TrainOptions)
 
 
 class DocumentForm(BaseModel):
     """The fields next to `file` in a multipart upload; `metadata` and `train` are JSON strings."""
 
-    title: str | None = Field(None, min_length=1, max_length=TITLE_MAX)
-    metadata: Json[dict[str, Any]] | None = None
+    title: Text | None = Field(None, min_length=1, max_length=TITLE_MAX)
+    metadata: Json[JsonObject] | None = None
     train: Json[TrainOptions] | None = None
 
 
@@ -54,6 +60,7 @@ class DocumentPublic(BaseModel):
     """A document as listed."""
 
     id: int
+    tenant: str
     title: str
     status: DocumentStatus
     content_hash: str = Field(description="SHA-256 of the uploaded bytes; the same content is stored once.")

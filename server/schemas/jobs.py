@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import JobStatus
+from server.schemas.common import DB_INT_MAX, JsonObject
 
 TrainKind = Literal[
     "train_ke", "train_compressor", "train_compressor_extractive", "train_compressor_abstractive", "train_reranker",
@@ -21,6 +22,7 @@ class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    tenant: str
     kind: str
     status: JobStatus
     progress: float = Field(description="0..1")
@@ -62,5 +64,5 @@ class TrainJobCreate(BaseModel):
     """A training job for the worker: a knowledge extractor, compressor, reranker, reasoner or KM."""
 
     kind: TrainKind
-    payload: dict[str, Any] = Field(default_factory=dict, description="Options the trainer of this kind reads.")
-    document_id: int | None = Field(None, ge=1, description="The document the job is about, if any.")
+    payload: JsonObject = Field(default_factory=dict, description="Options the trainer of this kind reads.")
+    document_id: int | None = Field(None, ge=1, le=DB_INT_MAX, description="The document the job is about, if any.")

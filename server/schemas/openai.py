@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.schemas.common import Seed, Text, Unicode
+
+if TYPE_CHECKING:
+    from engines.base import TokenLogprob
+
+MAX_LOGPROBS = 5
 
 
 class ContentPart(BaseModel):
@@ -13,7 +21,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: str
-    text: str | None = None
+    text: Unicode | None = None
 
 
 class ChatMessageIn(BaseModel):
@@ -22,7 +30,7 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
+    content: Unicode | list[ContentPart]
 
 
 class StreamOptions(BaseModel):
@@ -34,12 +42,12 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1, max_length=1000)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Unicode | list[Unicode] | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -59,11 +67,12 @@ class ChatCompletionCreate(_SamplingFields):
 
 
 class CompletionCreate(_SamplingFields):
-    """POST /v1/completions."""
+    """POST /v1/completions; `echo` + `logprobs` + `max_tokens: 0` scores the prompt without generating."""
 
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    prompt: Unicode | list[Unicode]
+    max_tokens: int = Field(16, ge=0)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class ModelPublic(BaseModel):
@@ -95,3 +104,22 @@ def chat_completion(cid: str, created: int, model: str, text: str, finish: str, 
               "logprobs": None}
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
             "usage": usage, **extra}
+
+
+def legacy_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's completions `logprobs` object; the first token has no logprob (nothing precedes it).
+
+    `top_logprobs` holds the requested most likely tokens plus the token itself, as OpenAI and vLLM do, and
+    `text_offset` is where each token starts in the echoed text.
+    """
+    top: list[dict[str, float] | None] = []
+    for token in tokens:
+        if token.logprob is None:
+            top.append(None)
+            continue
+        entries: dict[str, float] = {}
+        for text, logprob in (*token.top, (token.text, token.logprob)):
+            entries.setdefault(text, logprob)  # two tokens that decode alike keep the likelier one's value
+        top.append(entries)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": top, "text_offset": [t.offset for t in tokens]}

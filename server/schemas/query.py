@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-KM_NAME = re.compile(r"^km:(\d+)(?:\+|$)")
+from server.schemas.common import DB_INT_MAX, RowId, Seed, Text, Unicode
+
+KM_NAME = re.compile(r"^km:(\d{1,18})(?:\+|$)")  # 18 digits: every such id fits a 64-bit column
 MSG_RAG_TARGET = "rag needs documents to search: give document_id, km 'km:<document_id>', or rag.document_ids."
 MSG_COMPRESS_RAG = "compress works on retrieved passages: add rag (e.g. {\"top_k\": 5}) or send compress 'none'."
 
@@ -18,7 +20,7 @@ class RagOptions(BaseModel):
     top_k: int = Field(5, ge=1, le=50, description="Passages put in the prompt.")
     rerank: bool = Field(False, description="Rerank a larger pool with the reranker (KARD), keep the top_k.")
     pool: int = Field(20, ge=1, le=200, description="Passages retrieved for the reranker to choose from.")
-    document_ids: list[Annotated[int, Field(ge=1)]] | None = Field(
+    document_ids: list[RowId] | None = Field(
         None, min_length=1, max_length=100,
         description="Search across these documents instead of the queried one; all must be yours.",
     )
@@ -27,10 +29,12 @@ class RagOptions(BaseModel):
 class QueryCreate(BaseModel):
     """A question about one document (through its KM) or any served model name."""
 
-    document_id: int | None = Field(None, ge=1, description="Answer with this document's knowledge module.")
-    km: str | None = Field(None, description="A model name instead: 'km:<id>', an alias, or the base model id.")
-    question: str = Field(min_length=1, max_length=8000)
-    ke: str | None = Field(None, min_length=1, max_length=200, description="A knowledge extractor to add.")
+    document_id: int | None = Field(
+        None, ge=1, le=DB_INT_MAX, description="Answer with this document's knowledge module.")
+    km: Text | None = Field(
+        None, max_length=1000, description="A model name instead: 'km:<id>', an alias, or the base model id.")
+    question: Unicode = Field(min_length=1, max_length=8000)
+    ke: Text | None = Field(None, min_length=1, max_length=200, description="A knowledge extractor to add.")
     rag: RagOptions | None = None
     reason: bool = Field(False, description="Answer with the reasoner (alias reasoner:default) over reranked passages.")
     compress: Literal["none", "extractive", "abstractive"] = "none"
@@ -38,7 +42,7 @@ class QueryCreate(BaseModel):
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
 
     @model_validator(mode="after")

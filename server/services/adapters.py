@@ -12,6 +12,7 @@ from sqlalchemy import select
 from engines.base import AdapterHandle
 from registry.adapters import AdapterCreate, register_adapter
 from registry.db import write_transaction
+from registry.errors import NotFoundError
 from registry.models import Adapter, AdapterKind, AdapterStatus
 from server.services.resolver import AdapterRef, Resolution
 from server.state import AppState
@@ -48,18 +49,24 @@ class AdapterService:
         return AdapterHandle(id=ref.id, key=ref.key, path=path, rank=ref.rank)
 
     async def combined(self, km: AdapterRef, ke: AdapterRef) -> AdapterRef:
-        """The stored KM+KE adapter for these two versions and the KE's weights, built once and then reused."""
+        """The stored KM+KE adapter for these two versions and the KE's weights, built once and then reused.
+
+        Both must be one tenant's; the combined adapter is that tenant's too, so no other tenant ever finds it.
+        """
+        if ke.tenant != km.tenant:
+            raise NotFoundError("knowledge extractor", ke.lineage)
         lineage = combined_lineage(km, ke)
         lock = self._locks.setdefault(lineage, asyncio.Lock())
         async with lock:
-            existing = await asyncio.to_thread(self._find, lineage)
+            existing = await asyncio.to_thread(self._find, km.tenant, lineage)
             if existing is not None:
                 return existing
             return await asyncio.to_thread(self._build, km, ke, lineage)
 
-    def _find(self, lineage: str) -> AdapterRef | None:
+    def _find(self, tenant: str, lineage: str) -> AdapterRef | None:
         with self._state.sessions() as session:
-            stmt = (select(Adapter).where(Adapter.lineage == lineage, Adapter.status == AdapterStatus.READY)
+            stmt = (select(Adapter).where(Adapter.tenant == tenant, Adapter.lineage == lineage,
+                                          Adapter.status == AdapterStatus.READY)
                     .order_by(Adapter.version.desc()).limit(1))
             adapter = session.scalars(stmt).one_or_none()
             return AdapterRef.of(adapter) if adapter else None
@@ -72,13 +79,14 @@ class AdapterService:
         merged = combine(parts, mixing_weights(ke))
         stored = store.put(merged.config, merged.tensors)
         with write_transaction(self._state.sessions) as session:
-            again = session.scalars(select(Adapter).where(Adapter.lineage == lineage)).first()
+            stmt = select(Adapter).where(Adapter.tenant == km.tenant, Adapter.lineage == lineage)
+            again = session.scalars(stmt).first()
             if again is not None:  # another replica built it meanwhile
                 return AdapterRef.of(again)
             base = parts[0].config.get("base_model_name_or_path")
             data = AdapterCreate.from_stored(
                 stored, kind=AdapterKind.COMBINED, lineage=lineage, base_model=str(base) if base else None,
-                document_id=km.document_id, config={"sources": {"km": km.id, "ke": ke.id}},
+                document_id=km.document_id, config={"sources": {"km": km.id, "ke": ke.id}}, tenant=km.tenant,
             )
             return AdapterRef.of(register_adapter(session, data))
 

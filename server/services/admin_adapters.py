@@ -24,6 +24,7 @@ from registry.documents import get_document
 from registry.errors import ConflictError
 from registry.models import Adapter, AdapterKind, AdapterStatus, Alias
 from registry.store import StoredAdapter
+from registry.tenancy import Reach, within
 from server.metrics import ServerMetrics
 from server.schemas.adapters import AdapterPublic, AdaptersPublic, EngineAdapterPublic, EnginePublic
 from server.services.adapter_uploads import UploadPart, UploadTarget, stage_upload
@@ -74,14 +75,14 @@ class AdapterFilters:
 
 
 class AdminAdapterService:
-    """The registry side and the engine side of adapter administration, for one tenant at a time."""
+    """The registry side and the engine side of adapter administration, within a caller's reach."""
 
     def __init__(self, state: AppState, adapters: AdapterService, metrics: ServerMetrics | None = None) -> None:
         self._state = state
         self._adapters = adapters
         self._metrics = metrics
 
-    def list_adapters(self, tenant: str, filters: AdapterFilters) -> AdaptersPublic:
+    def list_adapters(self, tenant: Reach, filters: AdapterFilters) -> AdaptersPublic:
         """A page of the tenant's adapters, newest first, with the total matching the filters."""
         with transaction(self._state.sessions) as session:
             rows, total = adapter_repo.list_adapters(
@@ -90,17 +91,17 @@ class AdminAdapterService:
             )
             return AdaptersPublic(data=adapter_publics(session, rows), count=total)
 
-    def get_adapter(self, tenant: str, adapter_id: int) -> AdapterPublic:
+    def get_adapter(self, tenant: Reach, adapter_id: int) -> AdapterPublic:
         """One adapter with the aliases pointing at it; NotFoundError when absent or another tenant's."""
         with transaction(self._state.sessions) as session:
             return adapter_publics(session, [adapter_repo.get_adapter(session, adapter_id, tenant=tenant)])[0]
 
-    async def delete_adapter(self, tenant: str, adapter_id: int) -> None:
+    async def delete_adapter(self, tenant: Reach, adapter_id: int) -> None:
         """Delete the row (409 while aliased) and drop it from the engine; the blob stays for GC."""
         await asyncio.to_thread(self._delete_row, tenant, adapter_id)
         await self._drop_from_engine(adapter_id)
 
-    def _delete_row(self, tenant: str, adapter_id: int) -> None:
+    def _delete_row(self, tenant: Reach, adapter_id: int) -> None:
         with write_transaction(self._state.sessions) as session:
             adapter_repo.delete_adapter(session, adapter_id, tenant=tenant)
 
@@ -158,28 +159,28 @@ class AdminAdapterService:
                 set_alias(session, target.alias, adapter.id, tenant=tenant)
             return adapter_publics(session, [adapter])[0]
 
-    async def engine(self, tenant: str) -> EnginePublic:
-        """The engine's counters and which of the tenant's adapters it holds."""
+    async def engine(self, tenant: Reach) -> EnginePublic:
+        """The engine's counters and which of the tenant's (None: every tenant's) adapters it holds."""
         stats = self._state.require_generator().stats()
         if self._metrics is not None:
             refresh_engine_metrics(self._state, self._metrics)
         refs = await asyncio.to_thread(self._refs, tenant, stats.loaded)
         return engine_public(stats, refs, base_model=self._state.base_model_id)
 
-    def _refs(self, tenant: str, ids: Sequence[int]) -> list[AdapterRef]:
+    def _refs(self, tenant: Reach, ids: Sequence[int]) -> list[AdapterRef]:
         with transaction(self._state.sessions) as session:
-            rows = session.scalars(select(Adapter).where(Adapter.tenant == tenant, Adapter.id.in_(ids))).all()
+            rows = session.scalars(select(Adapter).where(within(Adapter.tenant, tenant), Adapter.id.in_(ids))).all()
             by_id = {row.id: AdapterRef.of(row) for row in rows}
         return [by_id[i] for i in ids if i in by_id]
 
-    async def load(self, tenant: str, adapter_id: int, *, pin: bool) -> EngineAdapterPublic:
+    async def load(self, tenant: Reach, adapter_id: int, *, pin: bool) -> EngineAdapterPublic:
         """Load a ready adapter from its verified files into the engine, optionally pinned."""
         ref = await asyncio.to_thread(self._ref, tenant, adapter_id, ready=True)
         generator = self._state.require_generator()
         await generator.load_adapter(await self._adapters.handle(ref), pin=pin)
         return engine_adapter_public(ref, generator.stats())
 
-    async def unload(self, tenant: str, adapter_id: int) -> EngineAdapterPublic:
+    async def unload(self, tenant: Reach, adapter_id: int) -> EngineAdapterPublic:
         """Remove an adapter from the engine once its requests finish; AdapterNotLoadedError when not resident."""
         ref = await asyncio.to_thread(self._ref, tenant, adapter_id)
         generator = self._state.require_generator()
@@ -187,14 +188,14 @@ class AdminAdapterService:
         self._state.verified_paths.pop(ref.id, None)
         return engine_adapter_public(ref, generator.stats())
 
-    async def pin(self, tenant: str, adapter_id: int, *, pinned: bool) -> EngineAdapterPublic:
+    async def pin(self, tenant: Reach, adapter_id: int, *, pinned: bool) -> EngineAdapterPublic:
         """Pin (never evicted) or unpin a resident adapter; AdapterNotLoadedError when not resident."""
         ref = await asyncio.to_thread(self._ref, tenant, adapter_id)
         generator = self._state.require_generator()
         await generator.pin(ref.id, pinned)
         return engine_adapter_public(ref, generator.stats())
 
-    def _ref(self, tenant: str, adapter_id: int, *, ready: bool = False) -> AdapterRef:
+    def _ref(self, tenant: Reach, adapter_id: int, *, ready: bool = False) -> AdapterRef:
         with transaction(self._state.sessions) as session:
             adapter = adapter_repo.get_adapter(session, adapter_id, tenant=tenant)
             if ready and adapter.status is not AdapterStatus.READY:

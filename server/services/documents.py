@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
@@ -16,6 +17,8 @@ from registry.db import transaction, write_transaction
 from registry.errors import JobStateError
 from registry.models import Alias, Document, DocumentStatus, Job, JobStatus
 from registry.queue import JobSpec
+from registry.tenancy import Reach
+from server.limits import JobQuota, training_jobs
 from server.schemas.documents import (
     DocumentDetailPublic,
     DocumentPublic,
@@ -44,11 +47,12 @@ DeleteHook = Callable[[str, int], None]
 
 
 class DocumentService:
-    """Uploads, reads and deletes of one tenant's documents."""
+    """Uploads, reads and deletes of documents within a caller's reach (another tenant's are 404)."""
 
     def __init__(self, state: AppState, *, on_delete: Sequence[DeleteHook] = ()) -> None:
         self._state = state
         self._on_delete = tuple(on_delete)
+        self._quota = JobQuota.from_settings(state.settings)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -59,9 +63,14 @@ class DocumentService:
         """Store the upload and queue its jobs; the same content again returns the existing document."""
         checked = check_document(upload, self.max_upload_bytes)
         check_train(upload.train, self._state.settings.max_adapter_rank)
+        adding = training_jobs(CHAINS[upload.train.method])
+        # A refusal comes before the blob is written; the writing transaction checks again, and decides.
+        with transaction(self._state.sessions) as session:
+            self._ensure_room(session, tenant, hashlib.sha256(checked.data).hexdigest(), adding)
         # Written before the row that names it: a crash in between leaves an orphan blob, which GC removes.
         blob = self._state.store.put_blob(checked.data, checked.suffix)
         with write_transaction(self._state.sessions) as session:
+            self._ensure_room(session, tenant, blob.digest, adding)
             data = _document_create(checked, upload, blob.digest, blob.uri, tenant)
             document, created = document_repo.create_document(session, data)
             if created:
@@ -71,7 +80,7 @@ class DocumentService:
             detail = _detail(session, document, jobs)
         return DocumentUploadPublic(**detail.model_dump(), created=created)
 
-    def revise(self, document_id: int, upload: DocumentUpload, tenant: str) -> DocumentUploadPublic:
+    def revise(self, document_id: int, upload: DocumentUpload, tenant: Reach) -> DocumentUploadPublic:
         """New content for an existing document: its jobs run again and its KM gets the next version.
 
         Unchanged content returns the document as it is. The current KM keeps serving until the new one is
@@ -82,44 +91,57 @@ class DocumentService:
         blob = self._state.store.put_blob(checked.data, checked.suffix)
         with transaction(self._state.sessions) as session:
             current = document_repo.get_document(session, document_id, tenant=tenant)
+            owner = current.tenant
             live = [] if current.content_hash == blob.digest else [
-                job.id for job in _jobs_of(session, document_id) if job.status in LIVE]
-        self._cancel(live)
+                job for job in _jobs_of(session, document_id) if job.status in LIVE]
+            if current.content_hash != blob.digest:
+                # Checked before the old revision's jobs are cancelled, counting those as gone.
+                self._quota.ensure_room(session, owner, training_jobs(CHAINS[upload.train.method]),
+                                        freed=training_jobs([j.kind for j in live if not j.cancel_requested]))
+        self._cancel([job.id for job in live])
         with write_transaction(self._state.sessions) as session:
-            data = _document_create(checked, upload, blob.digest, blob.uri, tenant)
+            data = _document_create(checked, upload, blob.digest, blob.uri, owner)
             document, changed = document_repo.revise_document(session, document_id, data)
             if changed:
+                # Refused here, the revision rolls back with the rest of the transaction.
+                self._quota.ensure_room(session, owner, training_jobs(CHAINS[upload.train.method]))
                 self._queue_chain(session, document, upload.train, blob.uri)
             detail = _detail(session, document, _jobs_of(session, document.id))
         return DocumentUploadPublic(**detail.model_dump(), created=False)
 
-    def list_documents(self, tenant: str, *, status: DocumentStatus | None, limit: int, offset: int) -> DocumentsPublic:
-        """A page of the tenant's documents, newest first."""
+    def list_documents(self, tenant: Reach, *, status: DocumentStatus | None, limit: int, offset: int
+                       ) -> DocumentsPublic:
+        """A page of the tenant's documents (None: every tenant's), newest first."""
         with transaction(self._state.sessions) as session:
             documents, total = document_repo.list_documents(
                 session, tenant=tenant, status=status, limit=limit, offset=offset
             )
-            kms = _kms(session, tenant, [d.id for d in documents])
+            kms = _kms(session, documents)
             data = [_public(d, kms.get(d.id)) for d in documents]
         return DocumentsPublic(data=data, count=total)
 
-    def get(self, document_id: int, tenant: str) -> DocumentDetailPublic:
+    def get(self, document_id: int, tenant: Reach) -> DocumentDetailPublic:
         """One document with its jobs and current KM version."""
         with transaction(self._state.sessions) as session:
             document = document_repo.get_document(session, document_id, tenant=tenant)
             return _detail(session, document, _jobs_of(session, document.id))
 
-    def delete(self, document_id: int, tenant: str) -> None:
+    def delete(self, document_id: int, tenant: Reach) -> None:
         """Cancel the document's unfinished jobs, then delete it with its KMs and their aliases."""
         with transaction(self._state.sessions) as session:
-            document_repo.get_document(session, document_id, tenant=tenant)
+            owner = document_repo.get_document(session, document_id, tenant=tenant).tenant
             live = [job.id for job in _jobs_of(session, document_id) if job.status in LIVE]
         self._cancel(live)
         with write_transaction(self._state.sessions) as session:
-            removed = document_repo.delete_document(session, document_id, tenant=tenant)
+            removed = document_repo.delete_document(session, document_id, tenant=owner)
         log.info("deleted document %s and %d adapter(s)", document_id, len(removed))
         for hook in self._on_delete:
-            hook(tenant, document_id)
+            hook(owner, document_id)
+
+    def _ensure_room(self, session: Session, tenant: str, digest: str, adding: int) -> None:
+        """JobQuotaExceededError when new content would queue more training than the tenant's quota allows."""
+        if document_repo.find_by_hash(session, digest, tenant=tenant) is None:
+            self._quota.ensure_room(session, tenant, adding)
 
     def _queue_chain(self, session: Session, document: Document, train: TrainOptions, blob_uri: str) -> list[Job]:
         payload: dict[str, Any] = {
@@ -151,25 +173,26 @@ def _jobs_of(session: Session, document_id: int) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.document_id == document_id).order_by(Job.id)))
 
 
-def _kms(session: Session, tenant: str, document_ids: list[int]) -> dict[int, KmPublic]:
-    """The KM version each document's `km:<id>` alias points at."""
-    if not document_ids:
+def _kms(session: Session, documents: Sequence[Document]) -> dict[int, KmPublic]:
+    """The KM version each document's `km:<id>` alias (in the document's tenant) points at."""
+    if not documents:
         return {}
-    names = {km_lineage(document_id): document_id for document_id in document_ids}
-    stmt = select(Alias).where(Alias.tenant == tenant, Alias.name.in_(names))
-    return {names[a.name]: KmPublic(adapter_id=a.adapter_id, version=a.adapter.version)
-            for a in session.scalars(stmt).unique()}
+    names = {(d.tenant, km_lineage(d.id)): d.id for d in documents}
+    stmt = select(Alias).where(Alias.tenant.in_({tenant for tenant, _ in names}),
+                               Alias.name.in_({name for _, name in names}))
+    return {names[(a.tenant, a.name)]: KmPublic(adapter_id=a.adapter_id, version=a.adapter.version)
+            for a in session.scalars(stmt).unique() if (a.tenant, a.name) in names}
 
 
 def _public(document: Document, km: KmPublic | None) -> DocumentPublic:
     return DocumentPublic(
-        id=document.id, title=document.title, status=document.status, content_hash=document.content_hash,
-        size_bytes=document.size_bytes, media_type=document.media_type, source_name=document.source_name,
-        token_count=document.token_count, metadata=dict(document.metadata_), revision=document.revision,
-        created_at=document.created_at, km=km,
+        id=document.id, tenant=document.tenant, title=document.title, status=document.status,
+        content_hash=document.content_hash, size_bytes=document.size_bytes, media_type=document.media_type,
+        source_name=document.source_name, token_count=document.token_count, metadata=dict(document.metadata_),
+        revision=document.revision, created_at=document.created_at, km=km,
     )
 
 
 def _detail(session: Session, document: Document, jobs: list[Job]) -> DocumentDetailPublic:
-    public = _public(document, _kms(session, document.tenant, [document.id]).get(document.id))
+    public = _public(document, _kms(session, [document]).get(document.id))
     return DocumentDetailPublic(**public.model_dump(), jobs=[JobPublic.model_validate(job) for job in jobs])

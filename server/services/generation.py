@@ -7,19 +7,26 @@ version it was admitted with, and the next request after an alias move gets the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from engines.base import ChatMessage, GenerationRequest, GenerationResult, SamplingParams, StreamChunk, Usage
+from engines.errors import ContextLengthError
 from registry.errors import RegistryError
 from server.auth import Principal
+from server.limits import current_deadline, next_before
 from server.metrics import ServerMetrics
 from server.services.adapters import AdapterService
 from server.services.resolver import AdapterRef, Resolution, resolve_model
 from server.state import AppState
 
 MSG_MAX_TOKENS = "max_tokens {value} is above this server's limit of {limit}; ask for fewer tokens."
+MSG_PROMPT_TOO_LONG = (
+    "the prompt has {tokens} tokens, above this server's limit of {limit} (KMSERVE_MAX_PROMPT_TOKENS); shorten it."
+)
 
 
 class MaxTokensError(RegistryError):
@@ -32,15 +39,26 @@ class MaxTokensError(RegistryError):
         super().__init__(MSG_MAX_TOKENS.format(value=value, limit=limit))
 
 
+class PromptTooLongError(RegistryError):
+    """A prompt is longer than the server's prompt-token limit."""
+
+    code = "prompt_too_long"
+    status = 400
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(MSG_PROMPT_TOO_LONG.format(tokens=tokens, limit=limit), tokens=tokens, limit=limit)
+
+
 @dataclass
 class Admission:
-    """A request admitted with the adapter versions it will run on."""
+    """A request admitted with the adapter versions it will run on, and the event-loop time it must end by."""
 
     model: str
     resolution: Resolution
     served: AdapterRef | None
     request: GenerationRequest
     timings_ms: dict[str, float] = field(default_factory=dict)
+    deadline: float | None = None
 
     def adapters_public(self) -> dict[str, dict[str, object] | None]:
         """The versions used, by role: {"km": {"id", "name", "version"} | None, "ke": ...}."""
@@ -69,18 +87,43 @@ class GenerationService:
         self, principal: Principal, model: str, sampling: SamplingParams, *, prompt: str | None = None,
         messages: Sequence[ChatMessage] | None = None,
     ) -> Admission:
-        """Resolve `model` now and build the engine request (with a verified adapter handle)."""
+        """Check the token limits, resolve `model` now and build the engine request (with a verified adapter)."""
         limit = self._state.settings.max_request_tokens
         if sampling.max_tokens > limit:
             raise MaxTokensError(sampling.max_tokens, limit)
+        request = GenerationRequest(prompt=prompt, messages=tuple(messages) if messages else None, sampling=sampling)
+        await asyncio.to_thread(self._check_prompt, request)
         start = time.perf_counter()
         resolution = await asyncio.to_thread(self._resolve, principal.tenant, model)
         resolved = time.perf_counter()
         handle, served = await self._adapters.handle_for(resolution)
-        request = GenerationRequest(prompt=prompt, messages=tuple(messages) if messages else None,
-                                    adapter=handle, sampling=sampling)
+        request = dataclasses.replace(request, adapter=handle)
         timings = {"resolve": _ms(start, resolved), "adapter": _ms(resolved, time.perf_counter())}
-        return Admission(model, resolution, served, request, timings)
+        return Admission(model, resolution, served, request, timings, self._deadline())
+
+    def _check_prompt(self, request: GenerationRequest) -> None:
+        """Refuse, before any work, a prompt over the prompt limit or one that leaves no room for max_tokens.
+
+        The engine would refuse the second too, but only once a stream had started (a 200 with an error event).
+        """
+        from engines.hf_loading import encode_request
+
+        generator = self._state.require_generator()
+        tokens = len(encode_request(generator.tokenizer, request))
+        limit = self._state.settings.max_prompt_tokens
+        if limit and tokens > limit:
+            raise PromptTooLongError(tokens, limit)
+        context = generator.context_limit
+        if context is not None and tokens + request.sampling.max_tokens > context:
+            raise ContextLengthError(tokens, request.sampling.max_tokens, context)
+
+    def _deadline(self) -> float | None:
+        """The request's deadline: the one the limits middleware set, else the timeout from now (0 = none)."""
+        deadline = current_deadline()
+        timeout = self._state.settings.request_timeout_seconds
+        if deadline is None and timeout > 0:
+            deadline = asyncio.get_running_loop().time() + timeout
+        return deadline
 
     def _resolve(self, tenant: str, model: str) -> Resolution:
         with self._state.sessions() as session:
@@ -97,13 +140,22 @@ class GenerationService:
         return results
 
     async def stream(self, admission: Admission) -> AsyncIterator[StreamChunk]:
-        """Text deltas of one admitted request; the last chunk has finish_reason and usage."""
+        """Text deltas of one admitted request; the last chunk has finish_reason and usage.
+
+        RequestTimeoutError once the request's deadline passes, its engine request aborted (batch slot freed).
+        """
         start = time.perf_counter()
-        async for chunk in self._state.require_generator().stream(admission.request):
-            if chunk.final and chunk.usage is not None:
-                admission.timings_ms["generate"] = _ms(start, time.perf_counter())
-                self.count(chunk.usage)
-            yield chunk
+        timeout = self._state.settings.request_timeout_seconds
+        async with aclosing(self._state.require_generator().stream(admission.request)) as chunks:
+            while True:
+                try:
+                    chunk = await next_before(chunks, admission.deadline, timeout)
+                except StopAsyncIteration:
+                    return
+                if chunk.final and chunk.usage is not None:
+                    admission.timings_ms["generate"] = _ms(start, time.perf_counter())
+                    self.count(chunk.usage)
+                yield chunk
 
     def count(self, usage: Usage) -> None:
         """Add a request's tokens to the Prometheus counters."""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from sqlalchemy import select
 
-from engines.base import ChatMessage, SamplingParams, StreamChunk
+from engines.base import ChatMessage, SamplingParams, ScoreRequest, StreamChunk, Usage
 from registry.errors import RegistryError
 from registry.models import Alias
 from server.auth import Principal
@@ -21,6 +22,7 @@ from server.schemas.openai import (
     ModelsPublic,
     _SamplingFields,
     chat_completion,
+    legacy_logprobs,
     usage_dict,
 )
 from server.services.generation import Admission, GenerationService
@@ -28,7 +30,13 @@ from server.sse import format_event
 from server.state import AppState
 
 MSG_UNSUPPORTED = "{field} is not supported by this server: {detail}"
+MSG_ECHO_STREAM = "the prompt is echoed only without stream"
+MSG_LOGPROBS_GENERATED = (
+    "log-probabilities are served for the prompt only; score it with echo=true and max_tokens=0"
+)
+MSG_SCORE_NEEDS_ECHO = "0 is served only to score the prompt; send echo=true with it (and logprobs for the scores)"
 ChunkBuilder = Callable[[str | None, str | None], dict[str, Any]]
+ChoicesAndUsage = tuple[list[dict[str, Any]], dict[str, int]]
 
 
 class UnsupportedParameterError(RegistryError):
@@ -93,23 +101,42 @@ class OpenAIService:
 
     async def admit_completions(self, principal: Principal, body: CompletionCreate) -> list[Admission]:
         """Admit one request per prompt (they are generated together, in one batch)."""
-        if body.echo:
-            raise UnsupportedParameterError("echo", "the prompt is not echoed back")
+        check_echo(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or (body.stream and len(prompts) != 1):
             raise UnsupportedParameterError("prompt", "give one prompt (several only without stream)")
-        sampling = sampling_of(body, body.max_tokens)
+        # Scoring (max_tokens=0) generates nothing, but admission still resolves the model to its adapters.
+        sampling = sampling_of(body, max(body.max_tokens, 1))
         return [await self._generation.admit(principal, body.model, sampling, prompt=p) for p in prompts]
 
-    async def completions(self, admissions: list[Admission]) -> dict[str, Any]:
-        """A text_completion with one choice per prompt."""
-        results = await self._generation.run(admissions)
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                   for i, r in enumerate(results)]
-        usage = usage_dict(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
+    async def completions(self, admissions: list[Admission], body: CompletionCreate) -> dict[str, Any]:
+        """A text_completion with one choice per prompt (max_tokens=0: the scored prompt itself)."""
+        if body.max_tokens == 0:
+            choices, usage = await self._score(admissions, body.logprobs)
+        else:
+            choices, usage = await self._generate(admissions, echo=body.echo)
         return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),
                 "model": admissions[0].model, "choices": choices, "usage": usage,
                 "kmserve": {"adapters": admissions[0].adapters_public()}}
+
+    async def _generate(self, admissions: list[Admission], *, echo: bool) -> ChoicesAndUsage:
+        results = await self._generation.run(admissions)
+        choices = [{"index": i, "text": (_prompt(a) if echo else "") + r.text, "finish_reason": r.finish_reason,
+                    "logprobs": None} for i, (a, r) in enumerate(zip(admissions, results, strict=True))]
+        return choices, _usage(r.usage for r in results)
+
+    async def _score(self, admissions: list[Admission], logprobs: int | None) -> ChoicesAndUsage:
+        """Each prompt scored in one forward pass with its admitted adapter; nothing is generated."""
+        engine = self._state.require_generator()
+        requests = [ScoreRequest(_prompt(a), adapter=a.request.adapter, top_logprobs=logprobs or 0)
+                    for a in admissions]
+        results = await asyncio.gather(*(engine.score(r) for r in requests))
+        for result in results:
+            self._generation.count(result.usage)
+        choices = [{"index": i, "text": r.prompt, "finish_reason": "length",
+                    "logprobs": None if logprobs is None else legacy_logprobs(result.tokens)}
+                   for i, (r, result) in enumerate(zip(requests, results, strict=True))]
+        return choices, _usage(r.usage for r in results)
 
     def stream_chat(self, admission: Admission, include_usage: bool) -> AsyncIterator[str]:
         """chat.completion.chunk events, the first carrying the assistant role, then `[DONE]`."""
@@ -145,6 +172,25 @@ class OpenAIService:
         except RegistryError as exc:
             yield format_event({"error": {"code": exc.code, "message": exc.message}})
         yield "data: [DONE]\n\n"
+
+
+def check_echo(body: CompletionCreate) -> None:
+    """Refuse the echo/logprobs/max_tokens combinations that are not served (400 naming the parameter)."""
+    if body.echo and body.stream:
+        raise UnsupportedParameterError("echo", MSG_ECHO_STREAM)
+    if body.logprobs is not None and body.max_tokens > 0:
+        raise UnsupportedParameterError("logprobs", MSG_LOGPROBS_GENERATED)
+    if body.max_tokens == 0 and not body.echo:
+        raise UnsupportedParameterError("max_tokens", MSG_SCORE_NEEDS_ECHO)
+
+
+def _prompt(admission: Admission) -> str:
+    return admission.request.prompt or ""
+
+
+def _usage(usages: Iterable[Usage]) -> dict[str, int]:
+    items = list(usages)
+    return usage_dict(sum(u.prompt_tokens for u in items), sum(u.completion_tokens for u in items))
 
 
 def _events(part: StreamChunk, chunk: ChunkBuilder, include_usage: bool) -> list[str]:

@@ -2,6 +2,7 @@
 
 Names: the base model id; `km:<document_id>` (the document's KM alias); `km:<document_id>+ke:<name>`;
 `ke:<name>`; or any alias. A KE resolves through alias `ke:<name>` when one exists, else its latest version.
+Every name resolves inside the caller's tenant only: another tenant's document, alias or KE reads as missing.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from registry import aliases as alias_repo
 from registry.adapters import km_lineage
 from registry.documents import get_document
 from registry.errors import ConflictError, NotFoundError, RegistryError
-from registry.models import Adapter, AdapterStatus, Alias, Job, JobStatus
+from registry.models import DEFAULT_TENANT, Adapter, AdapterStatus, Alias, Job, JobStatus
+from registry.tenancy import owned
 
-KM_RE = re.compile(r"^km:(\d+)$")
+KM_RE = re.compile(r"^km:(\d{1,18})$")  # 18 digits: every such id fits a 64-bit column
 KE_PREFIX = "ke:"
 TRAINING_KINDS = ("ingest", "synthesize", "train_km")
 MSG_BAD_NAME = "model {name!r} is not a model, 'km:<document_id>', 'km:<document_id>+ke:<name>' or an alias."
@@ -66,13 +68,14 @@ class AdapterRef:
     rank: int
     document_id: int | None
     config: dict[str, object]
+    tenant: str = DEFAULT_TENANT
 
     @classmethod
     def of(cls, adapter: Adapter) -> AdapterRef:
         """The reference of a registry row."""
         key = adapter.uri.rstrip("/").rsplit("/", 1)[-1]
         return cls(adapter.id, adapter.kind.value, adapter.lineage, adapter.version, adapter.uri, key,
-                   adapter.rank, adapter.document_id, dict(adapter.config))
+                   adapter.rank, adapter.document_id, dict(adapter.config), adapter.tenant)
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,9 @@ def resolve_model(session: Session, name: str, *, tenant: str, base_model_id: st
 def resolve_km(session: Session, document_id: int, *, tenant: str) -> AdapterRef:
     """The adapter the document's KM alias points at; 409 while training, 404 when there is none."""
     get_document(session, document_id, tenant=tenant)
-    alias = session.scalars(
-        select(Alias).where(Alias.tenant == tenant, Alias.name == km_lineage(document_id))
-    ).unique().one_or_none()
+    alias = _alias(session, km_lineage(document_id), tenant)
     if alias is not None:
-        return AdapterRef.of(alias.adapter)
+        return AdapterRef.of(owned(alias.adapter, tenant, "document", document_id))
     job_id = _training_job(session, document_id)
     if job_id is not None:
         raise KmNotReadyError(document_id, job_id)
@@ -120,14 +121,19 @@ def resolve_km(session: Session, document_id: int, *, tenant: str) -> AdapterRef
 def resolve_ke(session: Session, name: str, *, tenant: str) -> AdapterRef:
     """A knowledge extractor by name: its alias when set, else its latest ready version."""
     lineage = KE_PREFIX + name
-    alias = session.scalars(select(Alias).where(Alias.tenant == tenant, Alias.name == lineage)).unique().one_or_none()
+    alias = _alias(session, lineage, tenant)
     if alias is not None:
-        return AdapterRef.of(alias.adapter)
+        return AdapterRef.of(owned(alias.adapter, tenant, "knowledge extractor", name))
     version = adapter_repo.latest_version(session, lineage, tenant=tenant)
     adapter = adapter_repo.get_version(session, lineage, version, tenant=tenant) if version else None
     if adapter is None or adapter.status != AdapterStatus.READY:
         raise NotFoundError("knowledge extractor", name)
     return AdapterRef.of(adapter)
+
+
+def _alias(session: Session, name: str, tenant: str) -> Alias | None:
+    stmt = select(Alias).where(Alias.tenant == tenant, Alias.name == name)
+    return session.scalars(stmt).unique().one_or_none()
 
 
 def _resolve_alias(session: Session, name: str, *, tenant: str) -> AdapterRef:

@@ -1,0 +1,322 @@
+"""Train the reader model from scratch: `python -m evals.reader.train --out evals/reader/model`.
+
+Recipe (seeded, reproducible on one machine; numbers in RECIPE.json next to the weights):
+1. A byte-level BPE tokenizer trained on the fact generator's text, the platform's prompts and a little English.
+2. A small Llama (tied embeddings) warmed up on induction: random tokens repeated twice, loss on the repeat. Without
+   it a model this small never learns to find the fact a question asks about (it copies some value instead).
+3. Mixed skills on generated documents (evals.reader.formats), with a curriculum on the number of facts per document
+   that doubles whenever the running exact match of answers reaches 90%, up to the maximum; 20% of batches stay
+   induction. Accuracy is teacher-forced exact match of every answer token on fresh documents (never seen before).
+4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engines.prompts import CLOSED_BOOK_PROMPT, PASSAGES_PREAMBLE, reader_prompt
+from engines.tiny_model import CHAT_TEMPLATE, CORPUS, PAD, SPECIAL_TOKENS
+from evals.reader import formats
+from evals.synthetic_facts import FactGenerator, generate_documents
+from trainer_worker.km_data import QA_PROMPT as SDCD_QA_PROMPT
+from trainer_worker.km_data import SUMMARY_PROMPT as SDCD_SUMMARY_PROMPT
+from trainer_worker.synthesize import QA_PROMPT, SUMMARY_PROMPT
+
+
+@dataclass
+class Recipe:
+    """Everything that determines the reader's weights."""
+
+    seed: int = 0
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 8
+    intermediate_size: int = 512
+    max_positions: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    induction_steps: int = 500
+    induction_length: int = 48
+    induction_batch: int = 16
+    steps: int = 2500
+    token_budget: int = 4096
+    max_seq: int = 768
+    induction_mix: float = 0.2
+    start_facts: int = 2
+    max_facts: int = 32
+    promote_at: float = 0.9
+    window: int = 400
+    threads: int = 2
+    task_weights: tuple[float, ...] = (0.45, 0.12, 0.10, 0.10, 0.06, 0.12, 0.05)
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    """Lines the tokenizer is trained on: generated documents, questions, summaries and every platform prompt."""
+    rng = random.Random(seed)
+    lines = CORPUS.splitlines()
+    for doc in generate_documents(400, seed + 7, min_facts=4, max_facts=30, prefix="tok"):
+        lines.extend(doc.text.split("\n\n"))
+        lines.extend(q.question + " " + q.answer for q in doc.questions)
+        lines.append(formats.summary_text(doc, rng))
+    prompts = (SUMMARY_PROMPT.format(words=100, text=""), QA_PROMPT.format(n=5, text=""),
+               CLOSED_BOOK_PROMPT.format(question=""), PASSAGES_PREAMBLE, SDCD_QA_PROMPT, SDCD_SUMMARY_PROMPT,
+               reader_prompt("", ["x"]))
+    lines.extend(line for p in prompts for line in p.splitlines() * 20)
+    return lines
+
+
+def build_tokenizer(recipe: Recipe) -> Any:
+    """Byte-level BPE on the corpus above, with the default model's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # A space is its own token, so a word is the same tokens wherever it stands (after a space, a newline or at the
+    # start of an answer): answering is then copying tokens from the document, which a small model learns fast.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(recipe.seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=formats.BOS, eos_token=formats.EOS,
+                                   pad_token=PAD, chat_template=CHAT_TEMPLATE, padding_side="left",
+                                   model_max_length=recipe.max_positions)
+
+
+def build_model(recipe: Recipe, tokenizer: Any) -> Any:
+    """The Llama the recipe describes, weights drawn from its seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        max_position_embeddings=recipe.max_positions, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(config)
+
+
+class Curriculum:
+    """Facts per document, doubled when the running answer accuracy reaches the promotion threshold."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.facts = recipe.start_facts
+        self.hits: deque[bool] = deque(maxlen=recipe.window)
+
+    def record(self, correct: list[bool]) -> bool:
+        """Add answer outcomes; True when the curriculum moved up."""
+        self.hits.extend(correct)
+        if len(self.hits) < self.hits.maxlen or self.accuracy < self.recipe.promote_at:  # type: ignore[operator]
+            return False
+        if self.facts >= self.recipe.max_facts:
+            return False
+        self.facts = min(self.recipe.max_facts, self.facts * 2)
+        self.hits.clear()
+        return True
+
+    @property
+    def accuracy(self) -> float:
+        """Share of exactly right answers in the window."""
+        return sum(self.hits) / max(1, len(self.hits))
+
+
+def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any, recipe: Recipe) -> Any:
+    """One encoded training sequence of `task` on a fresh document."""
+    rng = gen.rng
+    facts = rng.randint(max(1, n_facts // 2), n_facts)
+    if task in ("summary", "sdcd_summary"):
+        facts = min(facts, 24)  # document + restatement must fit max_seq
+    doc = gen.document("train", facts)
+    extra = rng.randint(0, min(12, facts))
+    if task == "icl":
+        segments = formats.icl(doc, rng, extra)
+    elif task == "rag":
+        segments = formats.rag(doc, gen.document("other", rng.randint(3, 10)), rng, 0)
+    elif task == "summary":
+        segments = formats.summary(doc, rng, len(tokenizer(doc.text)["input_ids"]))
+    elif task == "qa_write":
+        segments = formats.qa_write(doc, rng)
+    elif task == "sdcd_summary":
+        segments = formats.sdcd_summary(doc, rng, extra // 2)
+    elif task == "sdcd_qa":
+        segments = formats.sdcd_qa(doc, rng, extra)
+    else:
+        segments = formats.document(doc)
+    return formats.encode(tokenizer, segments, recipe.max_seq)
+
+
+def answer_spans(labels: list[int], eos_id: int) -> list[tuple[int, int]]:
+    """Positions of each short trained span ending with EOS (the answers), for exact-match tracking."""
+    spans, start = [], None
+    for i, label in enumerate(labels):
+        if label != -100 and start is None:
+            start = i
+        if label == -100 and start is not None:
+            start = None
+        if label == eos_id and start is not None:
+            if i - start <= 12:
+                spans.append((start, i + 1))
+            start = None
+    return spans
+
+
+def make_batch(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    """Right-padded ids, labels and attention mask."""
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (seq, lab) in enumerate(items):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(seq)] = 1
+    return ids, labels, mask
+
+
+def exact_answers(logits: Any, labels: Any, items: list[tuple[list[int], list[int]]], eos_id: int) -> list[bool]:
+    """Teacher-forced exact match of each answer span."""
+    predicted = logits.argmax(-1)
+    out = []
+    for row, (_, lab) in enumerate(items):
+        for start, end in answer_spans(lab, eos_id):
+            # logits at position p predict token p + 1
+            out.append(bool((predicted[row, start - 1: end - 1] == labels[row, start:end]).all()))
+    return out
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    """Short warmup, flat, cosine over the last 30%."""
+    if step < 100:
+        return base * (step + 1) / 100
+    tail = int(total * 0.7)
+    if step < tail:
+        return base
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - tail) / max(1, total - tail))))
+
+
+def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None = None) -> dict[str, Any]:
+    """Run the whole recipe (from `init_from`'s weights when given); save into `out`; return the training log."""
+    import torch
+
+    torch.set_num_threads(recipe.threads)
+    tokenizer = build_tokenizer(recipe)
+    model = build_model(recipe, tokenizer)
+    if init_from is not None:  # a continued run: the earlier phase's weights (its recipe is recorded with them)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(init_from / "model.safetensors"), strict=False)
+        model.tie_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                  betas=(0.9, 0.98))
+    rng = random.Random(recipe.seed + 1)
+    gen = FactGenerator(recipe.seed + 2)
+    first_id = len(SPECIAL_TOKENS)
+    log: dict[str, Any] = {"induction": [], "skills": [], "promotions": []}
+    started = time.monotonic()
+    model.train()
+    for step in range(recipe.induction_steps):
+        items = [formats.induction(rng, len(tokenizer), recipe.induction_length, first_id)
+                 for _ in range(recipe.induction_batch)]
+        loss, _ = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.induction_steps * 2, recipe.lr))
+        if step % log_every == 0:
+            log["induction"].append({"step": step, "loss": loss, "s": round(time.monotonic() - started, 1)})
+            print(f"induction {step} loss {loss:.3f} {time.monotonic() - started:.0f}s", flush=True)
+    curriculum = Curriculum(recipe)
+    tasks = formats.TASKS
+    for step in range(recipe.steps):
+        if rng.random() < recipe.induction_mix:
+            items = [formats.induction(rng, len(tokenizer), recipe.induction_length, first_id)
+                     for _ in range(recipe.induction_batch)]
+        else:
+            items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
+        loss, correct = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.steps, recipe.lr))
+        if curriculum.record(correct):
+            log["promotions"].append({"step": step, "facts": curriculum.facts})
+            print(f"step {step}: curriculum -> {curriculum.facts} facts", flush=True)
+        if step % log_every == 0:
+            entry = {"step": step, "loss": loss, "facts": curriculum.facts, "em": round(curriculum.accuracy, 3),
+                     "s": round(time.monotonic() - started, 1)}
+            log["skills"].append(entry)
+            print(json.dumps(entry), flush=True)
+        if step % 250 == 249:
+            save(model, tokenizer, recipe, out, log)
+    log["train_seconds"] = round(time.monotonic() - started, 1)
+    save(model, tokenizer, recipe, out, log)
+    return log
+
+
+def _skill_batch(rng: random.Random, gen: FactGenerator, facts: int, tokenizer: Any, recipe: Recipe,
+                 tasks: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
+    items: list[tuple[list[int], list[int]]] = []
+    longest = 0
+    while True:
+        task = rng.choices(tasks, weights=recipe.task_weights)[0]
+        item = sample_sequence(task, gen, facts, tokenizer, recipe)
+        longest = max(longest, len(item[0]))
+        if items and longest * (len(items) + 1) > recipe.token_budget:
+            return items
+        items.append(item)
+
+
+def _step(model: Any, optimizer: Any, items: list[tuple[list[int], list[int]]], tokenizer: Any,
+          lr: float) -> tuple[float, list[bool]]:
+    import torch
+
+    ids, labels, mask = make_batch(items, tokenizer.pad_token_id)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    output = model(input_ids=ids, attention_mask=mask, labels=labels)
+    output.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        correct = exact_answers(output.logits, labels, items, tokenizer.eos_token_id)
+    return float(output.loss.item()), correct
+
+
+def save(model: Any, tokenizer: Any, recipe: Recipe, out: Path, log: dict[str, Any]) -> None:
+    """Weights (safetensors), tokenizer, recipe, training log and the weights' hash."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    params = sum(p.numel() for p in model.parameters())
+    (out / "RECIPE.json").write_text(json.dumps(
+        {"recipe": asdict(recipe), "parameters": params, "weights_sha256": digest,
+         "command": "python -m evals.reader.train", "log": log}, indent=1) + "\n")
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("evals/reader/model"))
+    parser.add_argument("--steps", type=int, default=Recipe.steps)
+    parser.add_argument("--induction-steps", type=int, default=Recipe.induction_steps)
+    parser.add_argument("--threads", type=int, default=Recipe.threads)
+    parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--init-from", type=Path, default=None, help="Continue from these weights.")
+    args = parser.parse_args()
+    recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed)
+    train(recipe, args.out, init_from=args.init_from)
+
+
+if __name__ == "__main__":
+    main()

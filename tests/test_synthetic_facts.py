@@ -1,0 +1,88 @@
+"""The synthetic-facts generator and the reader's training formats."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engines.prompts import PASSAGES_PREAMBLE
+from evals.reader import formats
+from evals.synthetic_facts import ATTRIBUTES, FactGenerator, generate_documents
+from trainer_worker.qa_parsing import parse_qa
+
+
+def test_documents_are_reproducible_and_sized() -> None:
+    first = generate_documents(5, 42, min_facts=20, max_facts=60)
+    assert first == generate_documents(5, 42, min_facts=20, max_facts=60)
+    assert first != generate_documents(5, 43, min_facts=20, max_facts=60)
+    assert all(20 <= len(doc.facts) <= 60 for doc in first)
+
+
+def test_every_fact_is_stated_and_asked_in_both_wordings() -> None:
+    doc = generate_documents(1, 7, min_facts=30, max_facts=30)[0]
+    for index, fact in enumerate(doc.facts):
+        assert fact.sentence in doc.text
+        assert fact.value in fact.sentence and fact.entity in fact.sentence
+        asked = [q for q in doc.questions if q.fact_index == index]
+        assert {q.family for q in asked} == {"standard", "paraphrase"}
+        assert all(q.answer == fact.value and fact.entity in q.question for q in asked)
+    # standard and paraphrased wordings never share a template
+    for _, _, standard, paraphrase in ATTRIBUTES.values():
+        assert not set(standard) & set(paraphrase)
+
+
+def test_an_entity_never_has_two_values_for_one_attribute() -> None:
+    doc = FactGenerator(3).document("d", 40)
+    keys = [(f.entity, f.attribute) for f in doc.facts]
+    assert len(keys) == len(set(keys))
+    entities = {f.entity for f in doc.facts}
+    assert not entities & {f.value for f in doc.facts}  # names are unique within a document
+
+
+class _WhitespaceTokenizer:
+    """Splits on spaces with character offsets, like a fast tokenizer's offset mapping."""
+
+    def __call__(self, text: str, add_special_tokens: bool, return_offsets_mapping: bool) -> dict[str, list]:
+        ids, offsets, start = [], [], 0
+        for piece in text.split(" "):
+            ids.append(len(piece))
+            offsets.append((start, start + len(piece)))
+            start += len(piece) + 1
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+
+def test_only_trained_segments_carry_labels() -> None:
+    segments = [("ask me something ", False), ("the answer", True), (" then more", False)]
+    ids, labels = formats.encode(_WhitespaceTokenizer(), segments, limit=100)
+    trained = [i for i, label in enumerate(labels) if label != -100]
+    assert trained == [3, 4]  # "the", "answer"
+    assert formats.encode(_WhitespaceTokenizer(), segments, limit=2)[0] == ids[:2]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_written_qa_pairs_parse_back_with_the_synthesize_parser(seed: int) -> None:
+    rng = random.Random(seed)
+    doc = FactGenerator(seed).document("d", 12)
+    segments = formats.qa_write(doc, rng)
+    target = segments[-1][0].removesuffix(formats.EOS)
+    parsed = parse_qa(target)
+    assert parsed.dropped == 0 and len(parsed.pairs) == 5
+    answers = {q.question: q.answer for q in doc.questions}
+    assert all(answers[pair.question] == pair.answer for pair in parsed.pairs)
+
+
+def test_rag_puts_the_answering_passage_last_and_summaries_restate_every_fact() -> None:
+    rng = random.Random(0)
+    gen = FactGenerator(1)
+    doc, other = gen.document("d", 20), gen.document("o", 8)
+    prompt = formats.rag(doc, other, rng, 0)[0][0]
+    assert PASSAGES_PREAMBLE in prompt
+    summary = formats.summary_text(doc, rng)
+    assert all(fact.value in summary and fact.entity in summary for fact in doc.facts)
+
+
+def test_induction_trains_only_the_repeat() -> None:
+    ids, labels = formats.induction(random.Random(0), vocab=50, length=6, first_id=7)
+    assert ids[:6] == ids[6:] and labels[:6] == [-100] * 6 and labels[6:] == ids[6:]
+    assert all(7 <= token < 50 for token in ids)
