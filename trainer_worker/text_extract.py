@@ -206,12 +206,19 @@ def _check_page_content(page: PageObject, number: int, limits: ExtractLimits) ->
 
 
 def _limit_memory(extra_bytes: int) -> None:
-    """Cap this process's address space at what it holds now plus `extra_bytes` (MemoryError beyond)."""
-    import os
-    import resource
+    """Cap this process's address space at what it holds now plus `extra_bytes` (MemoryError beyond).
 
-    held = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    resource.setrlimit(resource.RLIMIT_AS, (held + extra_bytes, held + extra_bytes))
+    Linux only (procfs and RLIMIT_AS); elsewhere the time limit is the only bound.
+    """
+    import os
+
+    try:
+        import resource
+
+        held = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (held + extra_bytes, held + extra_bytes))
+    except (ImportError, OSError, ValueError):
+        return
 
 
 def _child_main(argv: list[str]) -> int:
