@@ -12,6 +12,7 @@ import typer
 
 BENCHMARKS = {
     "serve": "bench.serve", "train-step": "bench.train_step", "queue": "bench.queue", "retrieval": "bench.retrieval",
+    "load": "bench.load", "faults": "bench.faults",
 }
 NameArg = Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}.")]
 
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def bench(ctx: typer.Context, name: NameArg) -> None:
-        """Run a benchmark: serve, train-step, queue or retrieval (`kmserve bench serve --short --plot`).
+        """Run a benchmark: serve, train-step, queue, retrieval, load or faults (`kmserve bench load --short --plot`).
 
         Options after the name go to the benchmark; `python -m bench.<name> --help` lists them.
         """
