@@ -22,11 +22,9 @@ from engines.errors import EngineOverloadedError
 from engines.hf import HFEngine
 from engines.hf_loading import load_causal_lm, load_tokenizer
 from evals.multiple_choice import option_context, option_text, score_options
-from registry.config import Settings
-from server.app import create_app
 from server.services.openai_compat import MSG_ECHO_STREAM, MSG_LOGPROBS_GENERATED, MSG_SCORE_NEEDS_ECHO
 from server.state import AppState
-from tests.live_server import serve
+from tests.live_server import live_app, openai_client
 from tests.served import KmVersions, register_km_versions
 from tests.tiny import save_lora_for
 
@@ -63,11 +61,8 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[FastAPI, str]]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("logprobs") / "data", base_model=str(tiny_model_dir),
-                        model_name="kmserve-tiny")
-    app = create_app(settings)
-    with serve(app) as url:
-        yield app, url
+    with live_app(tmp_path_factory.mktemp("logprobs") / "data", tiny_model_dir) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +72,7 @@ def state(live: tuple[FastAPI, str]) -> AppState:
 
 @pytest.fixture(scope="module")
 def client(live: tuple[FastAPI, str], state: AppState) -> openai.OpenAI:
-    key = state.settings.admin_key_file.read_text().strip()
-    return openai.OpenAI(base_url=f"{live[1]}/v1", api_key=key, max_retries=0, timeout=60)
+    return openai_client(live[1], state)
 
 
 @pytest.fixture(scope="module")

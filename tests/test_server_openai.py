@@ -9,10 +9,8 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from registry.config import Settings
-from server.app import create_app
 from server.state import AppState
-from tests.live_server import serve
+from tests.live_server import live_app, openai_client
 from tests.served import KmVersions, register_km_versions
 from tests.tiny import save_lora_for
 
@@ -21,11 +19,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of Varo?"}]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[FastAPI, str]]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("openai") / "data", base_model=str(tiny_model_dir),
-                        model_name="kmserve-tiny")
-    app = create_app(settings)
-    with serve(app) as url:
-        yield app, url
+    with live_app(tmp_path_factory.mktemp("openai") / "data", tiny_model_dir) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +30,7 @@ def state(live: tuple[FastAPI, str]) -> AppState:
 
 @pytest.fixture(scope="module")
 def client(live: tuple[FastAPI, str], state: AppState) -> openai.OpenAI:
-    key = state.settings.admin_key_file.read_text().strip()
-    return openai.OpenAI(base_url=f"{live[1]}/v1", api_key=key, max_retries=0, timeout=60)
+    return openai_client(live[1], state)
 
 
 @pytest.fixture(scope="module")
