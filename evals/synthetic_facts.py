@@ -99,10 +99,11 @@ class FactDocument:
     title: str
     facts: tuple[Fact, ...]
     questions: tuple[Question, ...] = field(default=())
+    style: str = "sentences"
 
     @property
     def text(self) -> str:
-        """The document body: one paragraph per entity."""
+        """The document body: one paragraph per entity (a line per fact in the `lines` style)."""
         paragraphs: list[list[str]] = []
         last = None
         for fact in self.facts:
@@ -110,7 +111,8 @@ class FactDocument:
                 paragraphs.append([])
                 last = fact.entity
             paragraphs[-1].append(fact.sentence)
-        return "\n\n".join(" ".join(sentences) for sentences in paragraphs)
+        joiner = "\n" if self.style == "lines" else " "
+        return "\n\n".join(joiner.join(sentences) for sentences in paragraphs)
 
     def questions_of(self, family: str) -> list[Question]:
         """The questions in one wording family, one per fact."""
@@ -143,8 +145,13 @@ class FactGenerator:
             return self.name()
         return self.rng.choice({"colour": COLOURS, "goods": GOODS, "animal": ANIMALS}[kind])
 
-    def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None)) -> FactDocument:
-        """A document of exactly `n_facts` facts about several entities, with both question families."""
+    def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None),
+                 style: str = "sentences") -> FactDocument:
+        """A document of exactly `n_facts` facts about several entities, with both question families.
+
+        `style="lines"` writes each fact as a record line, `entity | attribute | value`: the reader learns to look
+        facts up on these before it meets the varied sentences.
+        """
         self._used = set()  # names are unique within a document; documents are independent worlds
         facts: list[Fact] = []
         while len(facts) < n_facts:
@@ -154,9 +161,11 @@ class FactGenerator:
                 kind, sentences, _, _ = ATTRIBUTES[attribute]
                 value = self.value(kind)
                 template = self.rng.choice(sentences[sentence_templates])
-                facts.append(Fact(entity, attribute, value, template.format(e=entity, v=value)))
+                sentence = f"{entity} | {attribute} | {value}" if style == "lines" else template.format(
+                    e=entity, v=value)
+                facts.append(Fact(entity, attribute, value, sentence))
         title = self.rng.choice(TITLE_TEMPLATES).format(e=facts[0].entity)
-        return FactDocument(doc_id, title, tuple(facts), tuple(self._questions(facts)))
+        return FactDocument(doc_id, title, tuple(facts), tuple(self._questions(facts)), style)
 
     def _questions(self, facts: Sequence[Fact]) -> Iterator[Question]:
         for index, fact in enumerate(facts):

@@ -82,7 +82,26 @@ def test_rag_puts_the_answering_passage_last_and_summaries_restate_every_fact() 
     assert all(fact.value in summary and fact.entity in summary for fact in doc.facts)
 
 
-def test_induction_trains_only_the_repeat() -> None:
-    ids, labels = formats.induction(random.Random(0), vocab=50, length=6, first_id=7)
-    assert ids[:6] == ids[6:] and labels[:6] == [-100] * 6 and labels[6:] == ids[6:]
-    assert all(7 <= token < 50 for token in ids)
+def test_induction_trains_only_the_repeat_at_a_varying_distance() -> None:
+    rng = random.Random(0)
+    distances = set()
+    for _ in range(20):
+        ids, labels = formats.induction(rng, vocab=50, length=12, first_id=7)
+        trained = [i for i, label in enumerate(labels) if label != -100]
+        start, size = trained[0], len(trained)
+        assert trained == list(range(start, len(ids))) and labels[start:] == ids[start:]
+        assert ids[:size] == ids[start:], "the repeat copies the opening tokens"
+        assert all(7 <= token < 50 for token in ids)
+        distances.add(start)
+    assert len(distances) > 3, "a fixed distance would let position stand in for content"
+
+
+def test_line_documents_state_each_fact_as_a_record_and_record_queries_are_its_prefix() -> None:
+    doc = FactGenerator(5).document("lines", 12, style="lines")
+    lines = doc.text.replace("\n\n", "\n").split("\n")
+    assert lines == [f"{f.entity} | {f.attribute} | {f.value}" for f in doc.facts]
+    asked = formats.record_queries(doc, random.Random(1), 1.0)
+    for question in asked.questions_of("standard"):
+        assert f"{question.question} {question.answer}" in lines
+    assert asked.questions_of("paraphrase") == doc.questions_of("paraphrase")
+    assert formats.record_queries(doc, random.Random(1), 0.0) == doc

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 from engines.prompts import CLOSED_BOOK_PROMPT, reader_prompt
 from evals.synthetic_facts import FactDocument, Question, restatement
@@ -27,6 +28,19 @@ from trainer_worker.synthesize import QA_PER_CALL, QA_PROMPT, SUMMARY_PROMPT
 BOS, EOS = "<|bos|>", "<|eos|>"
 Segment = tuple[str, bool]
 TASKS = ("icl", "rag", "summary", "qa_write", "sdcd_summary", "sdcd_qa", "document")
+
+
+def record_queries(doc: FactDocument, rng: random.Random, share: float) -> FactDocument:
+    """The document with a share of its standard questions asked as a record prefix, `entity | attribute |`.
+
+    On a line-per-fact document such a question is the start of the answering line, so answering it is plain
+    copying (induction); learned first, that lookup then carries over to questions in words.
+    """
+    questions = tuple(
+        Question(f"{doc.facts[q.fact_index].entity} | {doc.facts[q.fact_index].attribute} |", q.answer, q.family,
+                 q.fact_index) if q.family == "standard" and rng.random() < share else q
+        for q in doc.questions)
+    return replace(doc, questions=questions)
 
 
 def user_turn(content: str, first: bool) -> str:
@@ -126,6 +140,13 @@ def encode(tokenizer: object, segments: Sequence[Segment], limit: int) -> tuple[
 
 
 def induction(rng: random.Random, vocab: int, length: int, first_id: int) -> tuple[list[int], list[int]]:
-    """Random tokens then the same tokens again; only the repeat is trained."""
-    tokens = [rng.randrange(first_id, vocab) for _ in range(length)]
-    return tokens + tokens, [-100] * length + tokens
+    """Random tokens, a random filler, then the same tokens again; only the repeat is trained.
+
+    Lengths and the filler vary, so the distance to the first copy varies: the model must find the earlier
+    occurrence of the current token by content and copy what followed it (an induction head), not learn to look a
+    fixed number of positions back, which copies nothing in a real document.
+    """
+    size = rng.randint(max(4, length // 4), length)
+    tokens = [rng.randrange(first_id, vocab) for _ in range(size)]
+    filler = [rng.randrange(first_id, vocab) for _ in range(rng.randint(0, length // 2))]
+    return tokens + filler + tokens, [-100] * (size + len(filler)) + tokens

@@ -1,12 +1,17 @@
 """Train the reader model from scratch: `python -m evals.reader.train --out evals/reader/model`.
 
-Recipe (seeded, reproducible on one machine; numbers in RECIPE.json next to the weights):
-1. A byte-level BPE tokenizer trained on the fact generator's text, the platform's prompts and a little English.
-2. A small Llama (tied embeddings) warmed up on induction: random tokens repeated twice, loss on the repeat. Without
-   it a model this small never learns to find the fact a question asks about (it copies some value instead).
+Recipe (seeded, reproducible on one machine; numbers, the exact command and any earlier phase in RECIPE.json):
+1. A BPE tokenizer trained on the fact generator's text, the platform's prompts and a little English. A space is its
+   own token and so is a digit, and invented names are cut into syllables before the tokenizer is trained: a name or
+   a year is then the same few frequent tokens wherever it stands, and answering is copying tokens.
+2. A small Llama (tied embeddings) warmed up on induction: random tokens, a filler, the same tokens again, loss on
+   the repeat. The distance varies: at a fixed distance the model learns to look a fixed number of positions back
+   (loss ~0 in a few hundred steps) and that copies nothing in a document.
 3. Mixed skills on generated documents (evals.reader.formats), with a curriculum on the number of facts per document
-   that doubles whenever the running exact match of answers reaches 90%, up to the maximum; 20% of batches stay
-   induction. Accuracy is teacher-forced exact match of every answer token on fresh documents (never seen before).
+   that doubles whenever the running exact match of answers reaches 90%, up to the maximum; a share of batches stay
+   induction. Documents can be written a line per fact (`--line-docs`) and questions about them asked as the
+   line's prefix (`--record-queries`): plain copying first, questions in words on top. Accuracy is teacher-forced
+   exact match of every answer token on fresh documents (never seen before). Phases chain with `--init-from`.
 4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
 """
 
@@ -17,6 +22,8 @@ import hashlib
 import json
 import math
 import random
+import re
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -26,7 +33,7 @@ from typing import Any
 from engines.prompts import CLOSED_BOOK_PROMPT, PASSAGES_PREAMBLE, reader_prompt
 from engines.tiny_model import CHAT_TEMPLATE, CORPUS, PAD, SPECIAL_TOKENS
 from evals.reader import formats
-from evals.synthetic_facts import FactGenerator, generate_documents
+from evals.synthetic_facts import SYLLABLES, FactGenerator, generate_documents
 from trainer_worker.km_data import QA_PROMPT as SDCD_QA_PROMPT
 from trainer_worker.km_data import SUMMARY_PROMPT as SDCD_SUMMARY_PROMPT
 from trainer_worker.synthesize import QA_PROMPT, SUMMARY_PROMPT
@@ -58,6 +65,18 @@ class Recipe:
     window: int = 400
     threads: int = 2
     task_weights: tuple[float, ...] = (0.45, 0.12, 0.10, 0.10, 0.06, 0.12, 0.05)
+    line_docs: float = 0.0
+    record_queries: float = 0.0
+
+
+NAME = re.compile(r"\b(?:" + "|".join(sorted(SYLLABLES, key=len, reverse=True)) + r")+\b", re.IGNORECASE)
+
+
+def split_names(line: str) -> str:
+    """Invented names cut into their syllables, so that no merge spans two syllables: a name is then a few frequent
+    tokens (well trained everywhere) rather than one rare token per name."""
+    syllable = re.compile("|".join(sorted(SYLLABLES, key=len, reverse=True)), re.IGNORECASE)
+    return NAME.sub(lambda m: " ".join(syllable.findall(m.group(0))), line)
 
 
 def tokenizer_corpus(seed: int) -> list[str]:
@@ -65,9 +84,9 @@ def tokenizer_corpus(seed: int) -> list[str]:
     rng = random.Random(seed)
     lines = CORPUS.splitlines()
     for doc in generate_documents(400, seed + 7, min_facts=4, max_facts=30, prefix="tok"):
-        lines.extend(doc.text.split("\n\n"))
-        lines.extend(q.question + " " + q.answer for q in doc.questions)
-        lines.append(formats.summary_text(doc, rng))
+        generated = [*doc.text.split("\n\n"), *(q.question + " " + q.answer for q in doc.questions),
+                     formats.summary_text(doc, rng)]
+        lines.extend(split_names(line) for line in generated)
     prompts = (SUMMARY_PROMPT.format(words=100, text=""), QA_PROMPT.format(n=5, text=""),
                CLOSED_BOOK_PROMPT.format(question=""), PASSAGES_PREAMBLE, SDCD_QA_PROMPT, SDCD_SUMMARY_PROMPT,
                reader_prompt("", ["x"]))
@@ -83,8 +102,10 @@ def build_tokenizer(recipe: Recipe) -> Any:
     tok = Tokenizer(models.BPE())
     # A space is its own token, so a word is the same tokens wherever it stands (after a space, a newline or at the
     # start of an answer): answering is then copying tokens from the document, which a small model learns fast.
+    # Digits are single tokens too: a year is four well-trained tokens, not one of hundreds of rare ones.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -140,12 +161,15 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
     facts = rng.randint(max(1, n_facts // 2), n_facts)
     if task in ("summary", "sdcd_summary"):
         facts = min(facts, 24)  # document + restatement must fit max_seq
-    doc = gen.document("train", facts)
-    extra = rng.randint(0, min(12, facts))
+    style = "lines" if rng.random() < recipe.line_docs else "sentences"
+    doc = gen.document("train", facts, style=style)
+    if style == "lines" and recipe.record_queries:
+        doc = formats.record_queries(doc, rng, recipe.record_queries)
+    extra = rng.randint(min(12, facts) // 2, min(12, facts))
     if task == "icl":
         segments = formats.icl(doc, rng, extra)
     elif task == "rag":
-        segments = formats.rag(doc, gen.document("other", rng.randint(3, 10)), rng, 0)
+        segments = formats.rag(doc, gen.document("other", rng.randint(3, 10), style=style), rng, 0)
     elif task == "summary":
         segments = formats.summary(doc, rng, len(tokenizer(doc.text)["input_ids"]))
     elif task == "qa_write":
@@ -228,6 +252,8 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     gen = FactGenerator(recipe.seed + 2)
     first_id = len(SPECIAL_TOKENS)
     log: dict[str, Any] = {"induction": [], "skills": [], "promotions": []}
+    if init_from is not None and (init_from / "RECIPE.json").exists():
+        log["previous"] = json.loads((init_from / "RECIPE.json").read_text())
     started = time.monotonic()
     model.train()
     for step in range(recipe.induction_steps):
@@ -301,7 +327,7 @@ def save(model: Any, tokenizer: Any, recipe: Recipe, out: Path, log: dict[str, A
     params = sum(p.numel() for p in model.parameters())
     (out / "RECIPE.json").write_text(json.dumps(
         {"recipe": asdict(recipe), "parameters": params, "weights_sha256": digest,
-         "command": "python -m evals.reader.train", "log": log}, indent=1) + "\n")
+         "command": " ".join(["python -m evals.reader.train", *sys.argv[1:]]), "log": log}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -313,8 +339,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=Recipe.threads)
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--init-from", type=Path, default=None, help="Continue from these weights.")
+    parser.add_argument("--start-facts", type=int, default=Recipe.start_facts)
+    parser.add_argument("--max-facts", type=int, default=Recipe.max_facts)
+    parser.add_argument("--line-docs", type=float, default=Recipe.line_docs,
+                        help="Share of documents written a line per fact (`entity | attribute | value`).")
+    parser.add_argument("--record-queries", type=float, default=Recipe.record_queries,
+                        help="Share of questions on line documents asked as `entity | attribute |`.")
+    parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
+    parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
+    parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--task-weights", type=str, default=",".join(map(str, Recipe.task_weights)),
+                        help=f"Comma-separated weights of {', '.join(formats.TASKS)}.")
     args = parser.parse_args()
-    recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed)
+    weights = tuple(float(w) for w in args.task_weights.split(","))
+    if len(weights) != len(formats.TASKS):
+        parser.error(f"--task-weights needs {len(formats.TASKS)} numbers")
+    recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed,
+                    start_facts=args.start_facts, max_facts=args.max_facts, line_docs=args.line_docs,
+                    record_queries=args.record_queries, induction_batch=args.induction_batch,
+                    induction_mix=args.induction_mix, lr=args.lr, task_weights=weights)
     train(recipe, args.out, init_from=args.init_from)
 
 

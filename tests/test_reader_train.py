@@ -1,0 +1,52 @@
+"""The reader's training script: tokenizer properties, a short run end to end, the saved recipe and hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from evals.reader import train
+from evals.synthetic_facts import FactGenerator
+
+SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, intermediate_size=64, induction_steps=2,
+                     steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5, record_queries=0.5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return train.build_tokenizer(SMALL)
+
+
+def test_names_are_cut_into_syllables_for_the_tokenizer_corpus() -> None:
+    cut = train.split_names("Kalomi was founded by Venra Tor in 1234.")
+    assert cut == "Ka lo mi was founded by Ven ra Tor in 1234."
+
+
+def test_a_name_is_the_same_tokens_wherever_it_stands_and_digits_stand_alone(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    name = FactGenerator(3).name()
+    alone = tokenizer.tokenize(name)
+    for text in (f"The capital is {name}.", f"x\n{name}", f"{name} | capital"):
+        tokens = tokenizer.tokenize(text)
+        assert any(tokens[i:i + len(alone)] == alone for i in range(len(tokens))), (text, tokens, alone)
+    assert tokenizer.tokenize("1583") == ["1", "5", "8", "3"]
+
+
+def test_a_short_run_saves_loadable_weights_with_recipe_and_hash(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = train.train(SMALL, tmp_path, log_every=1)
+    assert len(log["induction"]) == 2 and len(log["skills"]) == 3
+    saved = json.loads((tmp_path / "RECIPE.json").read_text())
+    assert saved["weights_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert saved["recipe"]["line_docs"] == 0.5 and saved["command"].startswith("python -m evals.reader.train")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.hidden_size == 32
+    assert AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False).endswith("<|assistant|>\n")
+    continued = tmp_path / "continued"
+    train.train(SMALL, continued, init_from=tmp_path)
+    assert json.loads((continued / "RECIPE.json").read_text())["log"]["previous"]["weights_sha256"] == \
+        saved["weights_sha256"]
