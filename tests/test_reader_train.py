@@ -50,3 +50,10 @@ def test_a_short_run_saves_loadable_weights_with_recipe_and_hash(tmp_path: Path)
     train.train(SMALL, continued, init_from=tmp_path)
     assert json.loads((continued / "RECIPE.json").read_text())["log"]["previous"]["weights_sha256"] == \
         saved["weights_sha256"]
+
+
+def test_the_committed_warm_start_matches_its_recorded_hash() -> None:
+    warm = Path(train.__file__).parent / "warm_start"
+    recipe = json.loads((warm / "RECIPE.json").read_text())
+    assert recipe["weights_sha256"] == hashlib.sha256((warm / "model.safetensors").read_bytes()).hexdigest()
+    assert recipe["log"]["previous"]["command"].startswith("python -m evals.reader.train")
