@@ -69,14 +69,15 @@ class Recipe:
     record_queries: float = 0.0
 
 
-NAME = re.compile(r"\b(?:" + "|".join(sorted(SYLLABLES, key=len, reverse=True)) + r")+\b", re.IGNORECASE)
+_SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
+SYLLABLE = re.compile(_SYLLABLE, re.IGNORECASE)
+NAME = re.compile(rf"\b(?:{_SYLLABLE})+\b", re.IGNORECASE)
 
 
 def split_names(line: str) -> str:
     """Invented names cut into their syllables, so that no merge spans two syllables: a name is then a few frequent
     tokens (well trained everywhere) rather than one rare token per name."""
-    syllable = re.compile("|".join(sorted(SYLLABLES, key=len, reverse=True)), re.IGNORECASE)
-    return NAME.sub(lambda m: " ".join(syllable.findall(m.group(0))), line)
+    return NAME.sub(lambda m: " ".join(SYLLABLE.findall(m.group(0))), line)
 
 
 def tokenizer_corpus(seed: int) -> list[str]:
