@@ -146,17 +146,21 @@ class FactGenerator:
         return self.rng.choice({"colour": COLOURS, "goods": GOODS, "animal": ANIMALS}[kind])
 
     def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None),
-                 style: str = "sentences") -> FactDocument:
+                 style: str = "sentences", shared_attributes: bool = False) -> FactDocument:
         """A document of exactly `n_facts` facts about several entities, with both question families.
 
         `style="lines"` writes each fact as a record line, `entity | attribute | value`: the reader learns to look
-        facts up on these before it meets the varied sentences.
+        facts up on these before it meets the varied sentences. `shared_attributes` gives every entity the same
+        attributes (in its own order), so a question is answered only by matching its entity, never by its
+        attribute alone.
         """
         self._used = set()  # names are unique within a document; documents are independent worlds
         facts: list[Fact] = []
+        shared = self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(2, 4)) if shared_attributes else []
         while len(facts) < n_facts:
             entity = self.name()
-            attributes = self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(3, 6))
+            attributes = (self.rng.sample(shared, k=len(shared)) if shared_attributes
+                          else self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(3, 6)))
             for attribute in attributes[: n_facts - len(facts)]:
                 kind, sentences, _, _ = ATTRIBUTES[attribute]
                 value = self.value(kind)
@@ -176,10 +180,12 @@ class FactGenerator:
 
 
 def generate_documents(count: int, seed: int, *, min_facts: int = 20, max_facts: int = 60,
-                       prefix: str = "facts") -> list[FactDocument]:
+                       prefix: str = "facts", style: str = "sentences",
+                       shared_attributes: bool = False) -> list[FactDocument]:
     """`count` documents of `min_facts`..`max_facts` facts each, reproducible from `seed`."""
     generator = FactGenerator(seed)
-    return [generator.document(f"{prefix}-{seed}-{n}", generator.rng.randint(min_facts, max_facts))
+    return [generator.document(f"{prefix}-{seed}-{n}", generator.rng.randint(min_facts, max_facts), style=style,
+                               shared_attributes=shared_attributes)
             for n in range(count)]
 
 

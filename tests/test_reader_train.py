@@ -12,7 +12,8 @@ from evals.reader import train
 from evals.synthetic_facts import FactGenerator
 
 SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, intermediate_size=64, induction_steps=2,
-                     steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5, record_queries=0.5)
+                     steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5, record_queries=0.5,
+                     shared_attributes=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,16 @@ def test_the_committed_warm_start_matches_its_recorded_hash() -> None:
     recipe = json.loads((warm / "RECIPE.json").read_text())
     assert recipe["weights_sha256"] == hashlib.sha256((warm / "model.safetensors").read_bytes()).hexdigest()
     assert recipe["log"]["previous"]["command"].startswith("python -m evals.reader.train")
+
+
+def test_the_lookup_diagnostics_ask_record_prefixes_on_shared_attribute_documents() -> None:
+    import subprocess
+    import sys
+
+    warm = Path(train.__file__).parent / "warm_start"
+    out = subprocess.run([sys.executable, "-m", "evals.reader.evaluate", str(warm), "--docs", "1", "--min-facts", "6",
+                          "--max-facts", "6", "--style", "lines", "--record-queries", "1.0", "--shared-attributes",
+                          "--threads", "1"], capture_output=True, text=True, check=True)
+    score = json.loads(out.stdout.strip().splitlines()[-1])
+    assert score["documents"] == 1 and score["questions"] == 12  # each fact: its record prefix and a paraphrase
+    assert 0.0 <= score["standard"] <= 1.0 and 0.0 <= score["paraphrase"] <= 1.0

@@ -105,3 +105,19 @@ def test_line_documents_state_each_fact_as_a_record_and_record_queries_are_its_p
         assert f"{question.question} {question.answer}" in lines
     assert asked.questions_of("paraphrase") == doc.questions_of("paraphrase")
     assert formats.record_queries(doc, random.Random(1), 0.0) == doc
+
+
+def test_shared_attributes_make_the_entity_the_only_key() -> None:
+    doc = FactGenerator(8).document("shared", 12, shared_attributes=True)
+    by_entity: dict[str, list[str]] = {}
+    for fact in doc.facts:
+        by_entity.setdefault(fact.entity, []).append(fact.attribute)
+    complete = list(by_entity.values())[:-1]  # the last entity may be cut short by the fact count
+    assert len(complete) >= 2 and all(sorted(attrs) == sorted(complete[0]) for attrs in complete)
+    orders = {tuple(attrs) for attrs in complete}
+    assert len(orders) > 1 or len(complete[0]) < 3, "each entity lists the attributes in its own order"
+    # the attribute alone never singles out the fact asked about
+    assert all(sum(f.attribute == fact.attribute for f in doc.facts) >= 2 for fact in doc.facts)
+    # off by default, and then the seeded stream is untouched: a seed gives the documents it always gave
+    assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, shared_attributes=False)
+    assert generate_documents(2, 7, min_facts=4, max_facts=6)[0].facts[0].entity == "Shara"

@@ -2,12 +2,17 @@
 
 Fresh documents (a seed the training never drew from) of 20+ facts, every question asked with the document in
 context in the serving prompt and chat template, greedy decoding; exact match after normalisation.
+
+Diagnostics of the lookup itself: `--style lines --record-queries 1.0` asks every fact as the prefix of its record
+line (plain copying once the right line is found), and `--shared-attributes` gives every entity the same attributes,
+so only a reader that matches the entity answers more than chance (1 / entities per document).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +20,7 @@ from typing import Any
 
 from engines.prompts import reader_prompt
 from evals.metrics import exact_match
+from evals.reader.formats import record_queries
 from evals.synthetic_facts import FactDocument, generate_documents
 
 HELD_OUT_SEED = 900_001
@@ -76,10 +82,18 @@ def main() -> None:
     parser.add_argument("--min-facts", type=int, default=20)
     parser.add_argument("--max-facts", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--style", choices=("sentences", "lines"), default="sentences")
+    parser.add_argument("--record-queries", type=float, default=0.0,
+                        help="Share of standard questions asked as the record prefix (lines only).")
+    parser.add_argument("--shared-attributes", action="store_true",
+                        help="Every entity has the same attributes: only entity matching beats chance.")
     args = parser.parse_args()
     model, tokenizer = load(args.model_dir, args.threads)
     docs = generate_documents(args.docs, HELD_OUT_SEED, min_facts=args.min_facts, max_facts=args.max_facts,
-                              prefix="heldout")
+                              prefix="heldout", style=args.style, shared_attributes=args.shared_attributes)
+    if args.style == "lines" and args.record_queries:
+        rng = random.Random(HELD_OUT_SEED)
+        docs = [record_queries(doc, rng, args.record_queries) for doc in docs]
     print(json.dumps(evaluate(model, tokenizer, docs).__dict__))
 
 

@@ -10,8 +10,10 @@ Recipe (seeded, reproducible on one machine; numbers, the exact command and any 
 3. Mixed skills on generated documents (evals.reader.formats), with a curriculum on the number of facts per document
    that doubles whenever the running exact match of answers reaches 90%, up to the maximum; a share of batches stay
    induction. Documents can be written a line per fact (`--line-docs`) and questions about them asked as the
-   line's prefix (`--record-queries`): plain copying first, questions in words on top. Accuracy is teacher-forced
-   exact match of every answer token on fresh documents (never seen before). Phases chain with `--init-from`.
+   line's prefix (`--record-queries`): plain copying first, questions in words on top. `--shared-attributes` gives
+   a share of documents the same attributes for every entity, where only matching the entity answers. Accuracy is
+   teacher-forced exact match of every answer token on fresh documents (never seen before). Phases chain with
+   `--init-from`.
 4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
 """
 
@@ -67,6 +69,7 @@ class Recipe:
     task_weights: tuple[float, ...] = (0.45, 0.12, 0.10, 0.10, 0.06, 0.12, 0.05)
     line_docs: float = 0.0
     record_queries: float = 0.0
+    shared_attributes: float = 0.0
 
 
 _SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
@@ -163,7 +166,8 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
     if task in ("summary", "sdcd_summary"):
         facts = min(facts, 24)  # document + restatement must fit max_seq
     style = "lines" if rng.random() < recipe.line_docs else "sentences"
-    doc = gen.document("train", facts, style=style)
+    shared = recipe.shared_attributes > 0 and rng.random() < recipe.shared_attributes
+    doc = gen.document("train", facts, style=style, shared_attributes=shared)
     if style == "lines" and recipe.record_queries:
         doc = formats.record_queries(doc, rng, recipe.record_queries)
     extra = rng.randint(min(12, facts) // 2, min(12, facts))
@@ -346,6 +350,8 @@ def main() -> None:
                         help="Share of documents written a line per fact (`entity | attribute | value`).")
     parser.add_argument("--record-queries", type=float, default=Recipe.record_queries,
                         help="Share of questions on line documents asked as `entity | attribute |`.")
+    parser.add_argument("--shared-attributes", type=float, default=Recipe.shared_attributes,
+                        help="Share of documents whose entities all have the same attributes (entity matching).")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -357,7 +363,8 @@ def main() -> None:
         parser.error(f"--task-weights needs {len(formats.TASKS)} numbers")
     recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed,
                     start_facts=args.start_facts, max_facts=args.max_facts, line_docs=args.line_docs,
-                    record_queries=args.record_queries, induction_batch=args.induction_batch,
+                    record_queries=args.record_queries, shared_attributes=args.shared_attributes,
+                    induction_batch=args.induction_batch,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights)
     train(recipe, args.out, init_from=args.init_from)
 
