@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, intermed
 
 @pytest.fixture(scope="module")
 def tokenizer():  # type: ignore[no-untyped-def]
-    return train.build_tokenizer(SMALL)
+    return train.build_tokenizer(replace(SMALL, tokenizer="spaces"))
 
 
 def test_names_are_cut_into_syllables_for_the_tokenizer_corpus() -> None:
@@ -33,6 +34,40 @@ def test_a_name_is_the_same_tokens_wherever_it_stands_and_digits_stand_alone(tok
         tokens = tokenizer.tokenize(text)
         assert any(tokens[i:i + len(alone)] == alone for i in range(len(tokens))), (text, tokens, alone)
     assert tokenizer.tokenize("1583") == ["1", "5", "8", "3"]
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():  # type: ignore[no-untyped-def]
+    return train.build_tokenizer(train.Recipe(tokenizer="words"))
+
+
+def test_under_the_words_scheme_a_name_carries_its_space_and_is_the_same_tokens_everywhere(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    name = FactGenerator(3).name()
+    alone = word_tokenizer.tokenize(name)
+    assert alone[0].startswith("Ġ") and len(alone) == len(train.SYLLABLE.findall(name)), alone
+    answer_start = word_tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], add_generation_prompt=True,
+                                                      tokenize=False) + name
+    for text in (f"The capital is {name}.", f"x\n{name}", f"{name} | capital", f"a\n\n{name} b", answer_start):
+        tokens = word_tokenizer.tokenize(text)
+        assert any(tokens[i:i + len(alone)] == alone for i in range(len(tokens))), (text, tokens, alone)
+    assert word_tokenizer.tokenize(f"{name} | year | 1583")[-6:] == ["Ġ|", "Ġyear", "Ġ|", "Ġ1", "5", "8", "3"][-6:]
+    text = f"{name} | capital | Venrator\nVenrator | year | 1583\n\nThe end."
+    assert word_tokenizer.decode(word_tokenizer(text)["input_ids"]) == text
+
+
+def test_answer_labels_start_at_the_answers_first_word_under_either_scheme(tokenizer, word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    from evals.reader import formats
+
+    gen = FactGenerator(4)
+    doc = gen.document("d", 6, style="lines")
+    segments = formats.icl(doc, random.Random(0), 3)
+    answers = [text for text, trained in segments if trained]
+    for tok in (tokenizer, word_tokenizer):
+        _, labels = formats.encode(tok, segments, 4096)
+        trained = tok.decode([label for label in labels if label != -100])
+        assert trained.replace(" ", "") == "".join(answers).replace(" ", ""), (trained, answers)
 
 
 def test_a_short_run_saves_loadable_weights_with_recipe_and_hash(tmp_path: Path) -> None:
@@ -51,6 +86,19 @@ def test_a_short_run_saves_loadable_weights_with_recipe_and_hash(tmp_path: Path)
     train.train(SMALL, continued, init_from=tmp_path)
     assert json.loads((continued / "RECIPE.json").read_text())["log"]["previous"]["weights_sha256"] == \
         saved["weights_sha256"]
+
+
+def test_induction_can_draw_from_document_tokens_and_stop_once_formed(tmp_path: Path) -> None:
+    recipe = replace(SMALL, induction_steps=40, induction_stop=100.0, steps=1)
+    tok = train.build_tokenizer(recipe)
+    pool = train.induction_pool(recipe, tok)
+    assert set(pool) < set(train.induction_pool(replace(recipe, induction_pool="vocab"), tok))
+    assert not set(pool) & set(tok.all_special_ids)
+    name = FactGenerator(3).name()
+    assert set(tok(f"The capital is {name}. 1583")["input_ids"]) <= set(pool)
+    log = train.train(recipe, tmp_path, log_every=10)
+    assert log["induction_stopped"] == 19 and len(log["induction"]) == 2  # a mean over 20 steps, then the skills
+    assert json.loads((tmp_path / "RECIPE.json").read_text())["recipe"]["induction_pool"] == "documents"
 
 
 def test_the_committed_warm_start_matches_its_recorded_hash() -> None:

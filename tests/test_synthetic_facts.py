@@ -86,7 +86,7 @@ def test_induction_trains_only_the_repeat_at_a_varying_distance() -> None:
     rng = random.Random(0)
     distances = set()
     for _ in range(20):
-        ids, labels = formats.induction(rng, vocab=50, length=12, first_id=7)
+        ids, labels = formats.induction(rng, range(7, 50), length=12)
         trained = [i for i, label in enumerate(labels) if label != -100]
         start, size = trained[0], len(trained)
         assert trained == list(range(start, len(ids))) and labels[start:] == ids[start:]

@@ -134,19 +134,21 @@ def encode(tokenizer: object, segments: Sequence[Segment], limit: int) -> tuple[
     ids = list(encoded["input_ids"])[:limit]
     labels = []
     for token_id, (start, end) in zip(ids, encoded["offset_mapping"], strict=False):
-        inside = any(lo <= start and end <= hi and end > start for lo, hi in spans)
+        # a token belongs to a span when it ends inside it (a space the tokenizer supplies before a line's first
+        # word is aligned with the newline before the span)
+        inside = any(lo < end <= hi and start < end for lo, hi in spans)
         labels.append(token_id if inside else -100)
     return ids, labels
 
 
-def induction(rng: random.Random, vocab: int, length: int, first_id: int) -> tuple[list[int], list[int]]:
-    """Random tokens, a random filler, then the same tokens again; only the repeat is trained.
+def induction(rng: random.Random, pool: Sequence[int], length: int) -> tuple[list[int], list[int]]:
+    """Random tokens from `pool`, a random filler, then the same tokens again; only the repeat is trained.
 
     Lengths and the filler vary, so the distance to the first copy varies: the model must find the earlier
     occurrence of the current token by content and copy what followed it (an induction head), not learn to look a
     fixed number of positions back, which copies nothing in a real document.
     """
     size = rng.randint(max(4, length // 4), length)
-    tokens = [rng.randrange(first_id, vocab) for _ in range(size)]
-    filler = [rng.randrange(first_id, vocab) for _ in range(rng.randint(0, length // 2))]
+    tokens = [rng.choice(pool) for _ in range(size)]
+    filler = [rng.choice(pool) for _ in range(rng.randint(0, length // 2))]
     return tokens + filler + tokens, [-100] * (size + len(filler)) + tokens

@@ -1,12 +1,15 @@
 """Train the reader model from scratch: `python -m evals.reader.train --out evals/reader/model`.
 
 Recipe (seeded, reproducible on one machine; numbers, the exact command and any earlier phase in RECIPE.json):
-1. A BPE tokenizer trained on the fact generator's text, the platform's prompts and a little English. A space is its
-   own token and so is a digit, and invented names are cut into syllables before the tokenizer is trained: a name or
-   a year is then the same few frequent tokens wherever it stands, and answering is copying tokens.
+1. A BPE tokenizer trained on the fact generator's text, the platform's prompts and a little English. Every word
+   carries its leading space (one is supplied at the start of a text or a line), a digit is its own token and
+   invented names are cut into their syllables: a name or a year is the same few frequent tokens wherever it stands,
+   and answering is copying tokens (`--tokenizer spaces`, the earlier scheme, makes a space its own token).
 2. A small Llama (tied embeddings) warmed up on induction: random tokens, a filler, the same tokens again, loss on
-   the repeat. The distance varies: at a fixed distance the model learns to look a fixed number of positions back
-   (loss ~0 in a few hundred steps) and that copies nothing in a document.
+   the repeat, until the loss is below `--induction-stop`. The distance varies: at a fixed distance the model learns
+   to look a fixed number of positions back (loss ~0 in a few hundred steps) and that copies nothing in a document.
+   The tokens are drawn from those generated documents are made of (a few hundred): drawn from the whole vocabulary
+   the copying had not formed after 700 steps at batch 64; from the documents' tokens it forms in ~690 at batch 32.
 3. Mixed skills on generated documents (evals.reader.formats), with a curriculum on the number of facts per document
    that doubles whenever the running exact match of answers reaches 90%, up to the maximum; a share of batches stay
    induction. Documents can be written a line per fact (`--line-docs`) and questions about them asked as the
@@ -54,9 +57,9 @@ class Recipe:
     max_positions: int = 2048
     lr: float = 1e-3
     weight_decay: float = 0.01
-    induction_steps: int = 500
+    induction_steps: int = 1500
     induction_length: int = 48
-    induction_batch: int = 16
+    induction_batch: int = 32
     steps: int = 2500
     token_budget: int = 4096
     max_seq: int = 768
@@ -70,6 +73,9 @@ class Recipe:
     line_docs: float = 0.0
     record_queries: float = 0.0
     shared_attributes: float = 0.0
+    tokenizer: str = "words"
+    induction_pool: str = "documents"
+    induction_stop: float = 0.5
 
 
 _SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
@@ -83,14 +89,17 @@ def split_names(line: str) -> str:
     return NAME.sub(lambda m: " ".join(SYLLABLE.findall(m.group(0))), line)
 
 
-def tokenizer_corpus(seed: int) -> list[str]:
+def tokenizer_corpus(seed: int, cut_names: bool = True) -> list[str]:
     """Lines the tokenizer is trained on: generated documents, questions, summaries and every platform prompt."""
     rng = random.Random(seed)
     lines = CORPUS.splitlines()
     for doc in generate_documents(400, seed + 7, min_facts=4, max_facts=30, prefix="tok"):
         generated = [*doc.text.split("\n\n"), *(q.question + " " + q.answer for q in doc.questions),
                      formats.summary_text(doc, rng)]
-        lines.extend(split_names(line) for line in generated)
+        lines.extend(split_names(line) if cut_names else line for line in generated)
+    if not cut_names:  # record lines too (the tokenizer that cuts names keeps its first corpus, and so its vocabulary)
+        lines.extend(line for doc in generate_documents(100, seed + 8, min_facts=4, max_facts=12, style="lines")
+                     for line in doc.text.splitlines())
     prompts = (SUMMARY_PROMPT.format(words=100, text=""), QA_PROMPT.format(n=5, text=""),
                CLOSED_BOOK_PROMPT.format(question=""), PASSAGES_PREAMBLE, SDCD_QA_PROMPT, SDCD_SUMMARY_PROMPT,
                reader_prompt("", ["x"]))
@@ -99,21 +108,40 @@ def tokenizer_corpus(seed: int) -> list[str]:
 
 
 def build_tokenizer(recipe: Recipe) -> Any:
-    """Byte-level BPE on the corpus above, with the default model's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE on the corpus above, with the default model's special tokens and chat template.
+
+    Two schemes (`recipe.tokenizer`). `spaces`: a space is its own token, so a word is the same tokens wherever it
+    stands (after a space, a newline or at the start of an answer). `words`: every word carries its leading space,
+    and one is supplied where a word starts a text or a line, so again a word is the same tokens everywhere, while a
+    record line is fewer tokens and copying a value never crosses a lone space. Under both, digits are single tokens
+    (a year is four well-trained tokens, not one of hundreds of rare ones) and invented names are their syllables (a
+    few frequent tokens, well trained everywhere, rather than one rare token per name): answering is copying tokens
+    from the document, which a small model learns fast.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # A space is its own token, so a word is the same tokens wherever it stands (after a space, a newline or at the
-    # start of an answer): answering is then copying tokens from the document, which a small model learns fast.
-    # Digits are single tokens too: a year is four well-trained tokens, not one of hundreds of rare ones.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
+    words = recipe.tokenizer == "words"
+    if words:
+        tok.normalizer = normalizers.Sequence([
+            normalizers.Prepend(" "), normalizers.Replace(Regex(r"\n(?=\S)"), "\n "),
+            normalizers.Replace(Regex(r"\A (?=\s)"), "")])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(f" ?(?i:{_SYLLABLE})"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        # the supplied spaces are not text: a text's or a line's first word decodes without one
+        tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("\n ", "\n"),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(tokenizer_corpus(recipe.seed), trainer=trainer)
+    tok.train_from_iterator(tokenizer_corpus(recipe.seed, cut_names=not words), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=formats.BOS, eos_token=formats.EOS,
                                    pad_token=PAD, chat_template=CHAT_TEMPLATE, padding_side="left",
                                    model_max_length=recipe.max_positions)
@@ -132,6 +160,18 @@ def build_model(recipe: Recipe, tokenizer: Any) -> Any:
     )
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(config)
+
+
+def induction_pool(recipe: Recipe, tokenizer: Any) -> list[int]:
+    """Token ids the induction warm-up draws from: the whole vocabulary but the special tokens, or (`documents`)
+    only the tokens generated documents are made of, a few hundred, each then trained far more often."""
+    if recipe.induction_pool == "vocab":
+        return list(range(len(SPECIAL_TOKENS), len(tokenizer)))
+    docs = [*generate_documents(50, recipe.seed + 9, min_facts=4, max_facts=12, style="lines"),
+            *generate_documents(50, recipe.seed + 10, min_facts=4, max_facts=12)]
+    ids = {i for doc in docs for text in (doc.text, *(q.question for q in doc.questions))
+           for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    return sorted(ids - set(tokenizer.all_special_ids))
 
 
 class Curriculum:
@@ -255,24 +295,30 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
                                   betas=(0.9, 0.98))
     rng = random.Random(recipe.seed + 1)
     gen = FactGenerator(recipe.seed + 2)
-    first_id = len(SPECIAL_TOKENS)
+    pool = induction_pool(recipe, tokenizer)
     log: dict[str, Any] = {"induction": [], "skills": [], "promotions": []}
     if init_from is not None and (init_from / "RECIPE.json").exists():
         log["previous"] = json.loads((init_from / "RECIPE.json").read_text())
     started = time.monotonic()
     model.train()
+    recent: deque[float] = deque(maxlen=20)
     for step in range(recipe.induction_steps):
-        items = [formats.induction(rng, len(tokenizer), recipe.induction_length, first_id)
+        items = [formats.induction(rng, pool, recipe.induction_length)
                  for _ in range(recipe.induction_batch)]
         loss, _ = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.induction_steps * 2, recipe.lr))
+        recent.append(loss)
         if step % log_every == 0:
             log["induction"].append({"step": step, "loss": loss, "s": round(time.monotonic() - started, 1)})
             print(f"induction {step} loss {loss:.3f} {time.monotonic() - started:.0f}s", flush=True)
+        if len(recent) == recent.maxlen and sum(recent) / len(recent) < recipe.induction_stop:
+            log["induction_stopped"] = step  # copying has formed: the rest of the warm-up would teach nothing new
+            print(f"induction formed at step {step}", flush=True)
+            break
     curriculum = Curriculum(recipe)
     tasks = formats.TASKS
     for step in range(recipe.steps):
         if rng.random() < recipe.induction_mix:
-            items = [formats.induction(rng, len(tokenizer), recipe.induction_length, first_id)
+            items = [formats.induction(rng, pool, recipe.induction_length)
                      for _ in range(recipe.induction_batch)]
         else:
             items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
@@ -352,6 +398,12 @@ def main() -> None:
                         help="Share of questions on line documents asked as `entity | attribute |`.")
     parser.add_argument("--shared-attributes", type=float, default=Recipe.shared_attributes,
                         help="Share of documents whose entities all have the same attributes (entity matching).")
+    parser.add_argument("--tokenizer", choices=("spaces", "words"), default=Recipe.tokenizer,
+                        help="spaces: a space is its own token; words: a word carries its leading space.")
+    parser.add_argument("--induction-pool", choices=("vocab", "documents"), default=Recipe.induction_pool,
+                        help="Induction draws from the whole vocabulary or from the tokens of generated documents.")
+    parser.add_argument("--induction-stop", type=float, default=Recipe.induction_stop,
+                        help="End the induction warm-up early once its mean loss over 20 steps is below this.")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -364,7 +416,8 @@ def main() -> None:
     recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed,
                     start_facts=args.start_facts, max_facts=args.max_facts, line_docs=args.line_docs,
                     record_queries=args.record_queries, shared_attributes=args.shared_attributes,
-                    induction_batch=args.induction_batch,
+                    induction_batch=args.induction_batch, tokenizer=args.tokenizer,
+                    induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights)
     train(recipe, args.out, init_from=args.init_from)
 
