@@ -303,8 +303,7 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     model.train()
     recent: deque[float] = deque(maxlen=20)
     for step in range(recipe.induction_steps):
-        items = [formats.induction(rng, pool, recipe.induction_length)
-                 for _ in range(recipe.induction_batch)]
+        items = _induction_batch(rng, pool, recipe)
         loss, _ = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.induction_steps * 2, recipe.lr))
         recent.append(loss)
         if step % log_every == 0:
@@ -318,8 +317,7 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     tasks = formats.TASKS
     for step in range(recipe.steps):
         if rng.random() < recipe.induction_mix:
-            items = [formats.induction(rng, pool, recipe.induction_length)
-                     for _ in range(recipe.induction_batch)]
+            items = _induction_batch(rng, pool, recipe)
         else:
             items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
         loss, correct = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.steps, recipe.lr))
@@ -336,6 +334,10 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     log["train_seconds"] = round(time.monotonic() - started, 1)
     save(model, tokenizer, recipe, out, log)
     return log
+
+
+def _induction_batch(rng: random.Random, pool: list[int], recipe: Recipe) -> list[tuple[list[int], list[int]]]:
+    return [formats.induction(rng, pool, recipe.induction_length) for _ in range(recipe.induction_batch)]
 
 
 def _skill_batch(rng: random.Random, gen: FactGenerator, facts: int, tokenizer: Any, recipe: Recipe,
