@@ -7,6 +7,7 @@ moves aliases). Prints the table and writes `<name>.json` + `<name>.png` under `
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -28,7 +29,10 @@ SettingsOpt = Annotated[str | None, typer.Option("--settings", help=(
 KmStepsOpt = Annotated[int | None, typer.Option(min=1, help="KM training steps (default: the training profile's).")]
 KeStepsOpt = Annotated[int | None, typer.Option(min=1, help="KE training steps (default: the training profile's).")]
 ProfileOpt = Annotated[str | None, typer.Option(help="Synthesis/training profile: fast or paper.")]
-RetrievalOpt = Annotated[int | None, typer.Option(min=8, help="Retrieval chunk size in tokens (default 256).")]
+TrainOpt = Annotated[list[str] | None, typer.Option("--train-option", help=(
+    "A training option of every KM job, KEY=VALUE (repeatable; JSON values), e.g. lr=0.005 or grad_accum=1."))]
+RetrievalOpt = Annotated[int | None, typer.Option(min=8, help=(
+    "Retrieval chunk size in tokens (unset: the platform's, 256)."))]
 TopKOpt = Annotated[int, typer.Option(min=1, help="Passages retrieved for RAG settings.")]
 OutOpt = Annotated[Path, typer.Option(help="Where the JSON and PNG go.")]
 NameOpt = Annotated[str | None, typer.Option(help="File name stem of the results (default: the benchmark's name).")]
@@ -37,14 +41,36 @@ DataDirOpt = Annotated[Path | None, typer.Option(help="Keep the embedded platfor
 ConcurrencyOpt = Annotated[int, typer.Option(min=1, help="Questions in flight at once.")]
 
 
+def _train_options(pairs: list[str] | None) -> dict[str, object]:
+    """`KEY=VALUE` pairs as a dict, each value read as JSON when it parses (numbers, booleans) else as text; keys
+    must be training options (TrainConfig fields)."""
+    from dataclasses import fields
+
+    from trainer_worker.train_config import TrainConfig
+
+    known = sorted(f.name for f in fields(TrainConfig) if f.name != "method")
+    options: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key.strip() not in known:
+            raise typer.BadParameter(f"expected KEY=VALUE with KEY one of {', '.join(known)}; got {pair!r}",
+                                     param_hint="--train-option")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 def _harness_options(settings: str | None, km_steps: int | None, ke_steps: int | None, profile: str | None,
-                     retrieval_tokens: int | None, rag_top_k: int, concurrency: int) -> HarnessOptions:
+                     retrieval_tokens: int | None, rag_top_k: int, concurrency: int,
+                     train_option: list[str] | None) -> HarnessOptions:
     from evals.harness import SETTING_NAMES, HarnessOptions
 
     chosen = tuple(s.strip() for s in settings.split(",") if s.strip()) if settings else SETTING_NAMES
     options = HarnessOptions(km_steps=km_steps, ke_steps=ke_steps, synthesis_profile=profile,
                              retrieval_tokens=retrieval_tokens, rag_top_k=rag_top_k, concurrency=concurrency,
-                             settings=chosen)
+                             settings=chosen, extra_train=_train_options(train_option))
     try:
         options.selected()
     except ValueError as exc:
@@ -80,7 +106,8 @@ def synthetic(
     family: Annotated[str, typer.Option(help="Question wording: standard, paraphrase or all.")] = "standard",
     seed: Annotated[int, typer.Option()] = 1000,
     settings: SettingsOpt = None, km_steps: KmStepsOpt = None, ke_steps: KeStepsOpt = None,
-    profile: ProfileOpt = None, retrieval_tokens: RetrievalOpt = 64, rag_top_k: TopKOpt = 1,
+    profile: ProfileOpt = None, train_option: TrainOpt = None, retrieval_tokens: RetrievalOpt = 64,
+    rag_top_k: TopKOpt = 1,
     concurrency: ConcurrencyOpt = 8, out: OutOpt = Path("evals/results"), name: NameOpt = None,
     base_model: BaseModelOpt = None, data_dir: DataDirOpt = None,
 ) -> None:
@@ -92,7 +119,8 @@ def synthetic(
     data = SyntheticOptions(docs=docs, train_docs=train_docs, min_facts=min_facts, max_facts=max(min_facts, max_facts),
                             questions_per_doc=questions, family=family, seed=seed)
     test, train = synthetic_documents(data)
-    options = _harness_options(settings, km_steps, ke_steps, profile, retrieval_tokens, rag_top_k, concurrency)
+    options = _harness_options(settings, km_steps, ke_steps, profile, retrieval_tokens, rag_top_k, concurrency,
+                               train_option)
     _run(ctx, name or "synthetic", test, train, options, out, base_model, data_dir, {"data": vars(data)})
 
 
@@ -113,7 +141,8 @@ def quality(
     docs: Annotated[int, typer.Option(min=1)] = 20, train_docs: Annotated[int, typer.Option(min=0)] = 0,
     questions: Annotated[int, typer.Option(min=1)] = 100,
     settings: SettingsOpt = None, km_steps: KmStepsOpt = None, ke_steps: KeStepsOpt = None,
-    profile: ProfileOpt = None, retrieval_tokens: RetrievalOpt = None, rag_top_k: TopKOpt = 5,
+    profile: ProfileOpt = None, train_option: TrainOpt = None, retrieval_tokens: RetrievalOpt = None,
+    rag_top_k: TopKOpt = 5,
     concurrency: ConcurrencyOpt = 8, out: OutOpt = Path("evals/results"), name: NameOpt = None,
     base_model: BaseModelOpt = None, data_dir: DataDirOpt = None,
 ) -> None:
@@ -122,7 +151,8 @@ def quality(
 
     file = quality_path(path, split) if path.is_dir() else path
     test, train = _split_documents(load_quality(file), docs, train_docs, questions)
-    options = _harness_options(settings, km_steps, ke_steps, profile, retrieval_tokens, rag_top_k, concurrency)
+    options = _harness_options(settings, km_steps, ke_steps, profile, retrieval_tokens, rag_top_k, concurrency,
+                               train_option)
     _run(ctx, name or "quality", test, train, options, out, base_model, data_dir, {"data": str(file)})
 
 
@@ -134,7 +164,8 @@ def narrativeqa(
     docs: Annotated[int, typer.Option(min=1)] = 20, train_docs: Annotated[int, typer.Option(min=0)] = 0,
     questions: Annotated[int, typer.Option(min=1)] = 100,
     settings: SettingsOpt = None, km_steps: KmStepsOpt = None, ke_steps: KeStepsOpt = None,
-    profile: ProfileOpt = None, retrieval_tokens: RetrievalOpt = None, rag_top_k: TopKOpt = 5,
+    profile: ProfileOpt = None, train_option: TrainOpt = None, retrieval_tokens: RetrievalOpt = None,
+    rag_top_k: TopKOpt = 5,
     concurrency: ConcurrencyOpt = 8, out: OutOpt = Path("evals/results"), name: NameOpt = None,
     base_model: BaseModelOpt = None, data_dir: DataDirOpt = None,
 ) -> None:
@@ -142,7 +173,8 @@ def narrativeqa(
     from evals.datasets import load_narrativeqa
 
     test, train = _split_documents(load_narrativeqa(path, split), docs, train_docs, questions)
-    options = _harness_options(settings, km_steps, ke_steps, profile, retrieval_tokens, rag_top_k, concurrency)
+    options = _harness_options(settings, km_steps, ke_steps, profile, retrieval_tokens, rag_top_k, concurrency,
+                               train_option)
     _run(ctx, name or "narrativeqa", test, train, options, out, base_model, data_dir, {"data": str(path)})
 
 

@@ -70,13 +70,14 @@ class HarnessOptions:
     settings: tuple[str, ...] = SETTING_NAMES
     extra_train: dict[str, Any] = field(default_factory=dict)
 
-    def train_options(self, method: str) -> dict[str, Any]:
-        """The upload's / train job's training options."""
+    def train_options(self, method: str, *, upload: bool = False) -> dict[str, Any]:
+        """The upload's / train job's training options (the retrieval chunk size only with the upload, which
+        ingests and indexes the document)."""
         options: dict[str, Any] = {"method": method, **self.extra_train}
-        for key, value in (("steps", self.km_steps), ("rank", self.rank), ("profile", self.synthesis_profile),
-                           ("retrieval_tokens", self.retrieval_tokens)):
-            if value is not None:
-                options[key] = value
+        named = [("steps", self.km_steps), ("rank", self.rank), ("profile", self.synthesis_profile)]
+        if upload:
+            named.append(("retrieval_tokens", self.retrieval_tokens))
+        options.update((key, value) for key, value in named if value is not None)
         return options
 
     def selected(self) -> list[EvalSetting]:
@@ -141,7 +142,7 @@ class Harness:
         """Upload a document (its first method trains with the upload), train the other methods, alias each KM."""
         first, *others = methods or ["none"]
         upload = self.client.documents.upload_text(document.title, document.text,
-                                                   train=self.options.train_options(first))
+                                                   train=self.options.train_options(first, upload=True))
         injected = InjectedDocument(document, upload.id)
         result = self.wait(upload.jobs[-1].id, f"{document.document_id} {first}")
         if first != "none":

@@ -146,13 +146,15 @@ class FactGenerator:
         return self.rng.choice({"colour": COLOURS, "goods": GOODS, "animal": ANIMALS}[kind])
 
     def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None),
-                 style: str = "sentences", shared_attributes: bool = False) -> FactDocument:
+                 style: str = "sentences", shared_attributes: bool = False,
+                 value_first: float = 0.0) -> FactDocument:
         """A document of exactly `n_facts` facts about several entities, with both question families.
 
         `style="lines"` writes each fact as a record line, `entity | attribute | value`: the reader learns to look
         facts up on these before it meets the varied sentences. `shared_attributes` gives every entity the same
         attributes (in its own order), so a question is answered only by matching its entity, never by its
-        attribute alone.
+        attribute alone. `value_first` is the share of facts written in a template that names the value before the
+        entity ("Morsu is the capital of Kelka."), the harder lookup; at 0 the templates are drawn uniformly.
         """
         self._used = set()  # names are unique within a document; documents are independent worlds
         facts: list[Fact] = []
@@ -164,7 +166,10 @@ class FactGenerator:
             for attribute in attributes[: n_facts - len(facts)]:
                 kind, sentences, _, _ = ATTRIBUTES[attribute]
                 value = self.value(kind)
-                template = self.rng.choice(sentences[sentence_templates])
+                if value_first and self.rng.random() < value_first:
+                    template = self.rng.choice([t for t in sentences if is_value_first(t)] or sentences)
+                else:
+                    template = self.rng.choice(sentences[sentence_templates])
                 sentence = f"{entity} | {attribute} | {value}" if style == "lines" else template.format(
                     e=entity, v=value)
                 facts.append(Fact(entity, attribute, value, sentence))
@@ -177,6 +182,11 @@ class FactGenerator:
             for family, templates in zip(QUESTION_FAMILIES, (standard, paraphrase), strict=True):
                 template = self.rng.choice(templates)
                 yield Question(template.format(e=fact.entity), fact.value, family, index)
+
+
+def is_value_first(template: str) -> bool:
+    """Whether a sentence template names the value before the entity."""
+    return template.index("{v}") < template.index("{e}")
 
 
 def generate_documents(count: int, seed: int, *, min_facts: int = 20, max_facts: int = 60,

@@ -119,3 +119,4 @@ def test_the_lookup_diagnostics_ask_record_prefixes_on_shared_attribute_document
     score = json.loads(out.stdout.strip().splitlines()[-1])
     assert score["documents"] == 1 and score["questions"] == 12  # each fact: its record prefix and a paraphrase
     assert 0.0 <= score["standard"] <= 1.0 and 0.0 <= score["paraphrase"] <= 1.0
+    assert score["value_first"] == 0.0 and score["entity_first"] == score["standard"]  # record lines: entity first

@@ -8,7 +8,7 @@ import pytest
 
 from engines.prompts import PASSAGES_PREAMBLE
 from evals.reader import formats
-from evals.synthetic_facts import ATTRIBUTES, FactGenerator, generate_documents
+from evals.synthetic_facts import ATTRIBUTES, FactGenerator, generate_documents, is_value_first
 from trainer_worker.qa_parsing import parse_qa
 
 
@@ -38,6 +38,21 @@ def test_an_entity_never_has_two_values_for_one_attribute() -> None:
     assert len(keys) == len(set(keys))
     entities = {f.entity for f in doc.facts}
     assert not entities & {f.value for f in doc.facts}  # names are unique within a document
+
+
+def _value_first_share(docs: list) -> float:  # type: ignore[type-arg]
+    facts = [f for doc in docs for f in doc.facts]
+    return sum(f.sentence.find(f.value) < f.sentence.find(f.entity) for f in facts) / len(facts)
+
+
+def test_value_first_sentences_can_be_oversampled_without_changing_default_documents() -> None:
+    assert is_value_first("{v} is the capital of {e}.") and not is_value_first("The capital of {e} is {v}.")
+    for seed in (5, 6):  # the option draws nothing when off: held-out documents stay as they were
+        assert FactGenerator(seed).document("d", 30) == FactGenerator(seed).document("d", 30, value_first=0.0)
+    boosted_gen, default_gen = FactGenerator(5), FactGenerator(5)
+    boosted = [boosted_gen.document(f"d{n}", 30, value_first=0.8) for n in range(10)]
+    default = [default_gen.document(f"d{n}", 30) for n in range(10)]
+    assert _value_first_share(boosted) > 0.6 > 0.35 > _value_first_share(default)
 
 
 class _WhitespaceTokenizer:

@@ -34,7 +34,7 @@ from trainer_worker.dcd import collate, dcd_loss
 from trainer_worker.km_data import DcdExample, SyntheticItem, document_data, sdcd_examples, synthetic_data
 from trainer_worker.lora_training import KmTrainer, adapter_tensors, assert_clean, lora_attached
 from trainer_worker.train_config import TrainConfig, profile_config
-from trainer_worker.train_km import base_model, run
+from trainer_worker.train_km import base_model, job_config, run, train_overrides
 
 torch.set_num_threads(2)
 LINES = [line for line in CORPUS.splitlines() if line.strip()]
@@ -296,6 +296,23 @@ def test_best_adapter_and_early_stopping_follow_the_dev_loss(tiny: tuple[Any, An
             assert trainer.state.stopped_early == (step == 4)
     assert (trainer.state.best_dev_loss, trainer.state.best_step) == (0.8, 2)
     assert all(torch.equal(trainer.best_adapter[name], tensor) for name, tensor in best.items())
+
+
+def test_the_uploads_chunk_sizes_are_left_to_ingest_and_top_level_fields_win(caplog: pytest.LogCaptureFixture) -> None:
+    payload = {"train": {"method": "sdcd", "steps": 5, "retrieval_tokens": 64, "chunk_tokens": 512}, "steps": 7}
+    assert train_overrides(payload) == {"method": "sdcd", "steps": 7}
+    with caplog.at_level("WARNING"):
+        profile_config("fast", train_overrides(payload))
+    assert "unknown training option" not in caplog.text
+
+
+def test_a_payloads_profile_chooses_the_training_profile_as_it_does_the_synthesis_profile(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, train_profile="fast")
+    config, profile = job_config({"train": {"method": "sdcd", "profile": "paper"}}, settings, "cpu")
+    assert profile == "paper" and config.max_context_tokens == TrainConfig().max_context_tokens
+    assert job_config({"train": {"method": "sdcd"}}, settings, "cpu")[1] == "fast"
+    with pytest.raises(PermanentJobError, match="profile"):
+        job_config({"train": {"profile": "huge"}}, settings, "cpu")
 
 
 def test_bad_options_and_missing_artifacts_fail_the_job_for_good(registry: Registry) -> None:

@@ -25,6 +25,7 @@ from registry.models import AdapterKind, Document, DocumentStatus
 from trainer_worker.artifacts import latest_synthetic, load_document, read_chunks
 from trainer_worker.checkpoint import remove_checkpoints
 from trainer_worker.context import JobContext, JobPreempted, PermanentJobError
+from trainer_worker.ingest import ChunkingConfig
 from trainer_worker.km_data import KmData, document_data, parse_synthetic, synthetic_data
 from trainer_worker.lora_training import KmTrainer, TrainState, lora_attached, peft_config_dict
 from trainer_worker.plots import loss_curve_png
@@ -56,18 +57,22 @@ def base_model(model: str) -> tuple[Any, Any]:
 
 
 def train_overrides(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Training options of a payload: its `train` dict, then TrainConfig fields at the top level."""
+    """Training options of a payload: its `train` dict (less the chunk sizes, which the upload's ingest job takes from
+    it), then TrainConfig fields at the top level."""
     names = {f.name for f in fields(TrainConfig)}
-    return {**(payload.get("train") or {}), **{k: v for k, v in payload.items() if k in names}}
+    chunking = {f.name for f in fields(ChunkingConfig)}
+    train = {k: v for k, v in (payload.get("train") or {}).items() if k not in chunking}
+    return {**train, **{k: v for k, v in payload.items() if k in names}}
 
 
 def job_config(payload: Mapping[str, Any], settings: Settings, device_type: str) -> tuple[TrainConfig, str]:
-    """The run's config and profile (settings.train_profile, resolved for the device); bad options fail the job."""
+    """The run's config and profile (the payload's `profile`, else settings.train_profile, resolved for the device);
+    bad options fail the job."""
     overrides = train_overrides(payload)
     if overrides.get("method") == "none":
         raise PermanentJobError(MSG_NOTHING_TO_TRAIN)
     try:
-        profile = resolve_profile(settings.train_profile, device_type)
+        profile = resolve_profile(overrides.pop("profile", None) or settings.train_profile, device_type)
         return profile_config(profile, overrides), profile
     except ValueError as exc:
         raise PermanentJobError(str(exc)) from exc

@@ -76,6 +76,7 @@ class Recipe:
     tokenizer: str = "words"
     induction_pool: str = "documents"
     induction_stop: float = 0.5
+    value_first: float = 0.0
 
 
 _SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
@@ -207,7 +208,7 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
         facts = min(facts, 24)  # document + restatement must fit max_seq
     style = "lines" if rng.random() < recipe.line_docs else "sentences"
     shared = recipe.shared_attributes > 0 and rng.random() < recipe.shared_attributes
-    doc = gen.document("train", facts, style=style, shared_attributes=shared)
+    doc = gen.document("train", facts, style=style, shared_attributes=shared, value_first=recipe.value_first)
     if style == "lines" and recipe.record_queries:
         doc = formats.record_queries(doc, rng, recipe.record_queries)
     extra = rng.randint(min(12, facts) // 2, min(12, facts))
@@ -406,6 +407,8 @@ def main() -> None:
                         help="Induction draws from the whole vocabulary or from the tokens of generated documents.")
     parser.add_argument("--induction-stop", type=float, default=Recipe.induction_stop,
                         help="End the induction warm-up early once its mean loss over 20 steps is below this.")
+    parser.add_argument("--value-first", type=float, default=Recipe.value_first,
+                        help="Share of facts written value first (\"Morsu is the capital of Kelka.\").")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -420,7 +423,8 @@ def main() -> None:
                     record_queries=args.record_queries, shared_attributes=args.shared_attributes,
                     induction_batch=args.induction_batch, tokenizer=args.tokenizer,
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
-                    induction_mix=args.induction_mix, lr=args.lr, task_weights=weights)
+                    induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
+                    value_first=args.value_first)
     train(recipe, args.out, init_from=args.init_from)
 
 
