@@ -80,6 +80,11 @@ class Fact:
     value: str
     sentence: str
 
+    @property
+    def value_first(self) -> bool:
+        """Whether the sentence names the value before the entity (the harder lookup)."""
+        return self.sentence.find(self.value) < self.sentence.find(self.entity)
+
 
 @dataclass(frozen=True)
 class Question:

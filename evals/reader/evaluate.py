@@ -77,10 +77,7 @@ def evaluate(model: Any, tokenizer: Any, documents: Sequence[FactDocument], batc
                 hit = exact_match(reply, [question.answer])
                 hits[question.family].append(hit)
                 if question.family == "standard":
-                    fact = doc.facts[question.fact_index]
-                    order = "value_first" if fact.sentence.find(fact.value) < fact.sentence.find(fact.entity) else (
-                        "entity_first")
-                    hits[order].append(hit)
+                    hits["value_first" if doc.facts[question.fact_index].value_first else "entity_first"].append(hit)
     mean = {k: sum(v) / len(v) if v else 0.0 for k, v in hits.items()}
     return ReaderScore(len(documents), len(hits["standard"]) + len(hits["paraphrase"]), mean["standard"],
                        mean["paraphrase"], mean["entity_first"], mean["value_first"])
