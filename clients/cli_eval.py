@@ -30,7 +30,8 @@ KmStepsOpt = Annotated[int | None, typer.Option(min=1, help="KM training steps (
 KeStepsOpt = Annotated[int | None, typer.Option(min=1, help="KE training steps (default: the training profile's).")]
 ProfileOpt = Annotated[str | None, typer.Option(help="Synthesis/training profile: fast or paper.")]
 TrainOpt = Annotated[list[str] | None, typer.Option("--train-option", help=(
-    "A training option of every KM job, KEY=VALUE (repeatable; JSON values), e.g. lr=0.005 or grad_accum=1."))]
+    "A training option of every KM job, KEY=VALUE (repeatable; JSON values), e.g. lr=0.005 or grad_accum=1; "
+    "ke.KEY=VALUE sets one of the knowledge extractor's job instead, e.g. ke.steps=200."))]
 RetrievalOpt = Annotated[int | None, typer.Option(min=8, help=(
     "Retrieval chunk size in tokens (unset: the platform's, 256)."))]
 TopKOpt = Annotated[int, typer.Option(min=1, help="Passages retrieved for RAG settings.")]
@@ -41,25 +42,30 @@ DataDirOpt = Annotated[Path | None, typer.Option(help="Keep the embedded platfor
 ConcurrencyOpt = Annotated[int, typer.Option(min=1, help="Questions in flight at once.")]
 
 
-def _train_options(pairs: list[str] | None) -> dict[str, object]:
-    """`KEY=VALUE` pairs as a dict, each value read as JSON when it parses (numbers, booleans) else as text; keys
-    must be training options (TrainConfig fields)."""
+def _train_options(pairs: list[str] | None) -> tuple[dict[str, object], dict[str, object]]:
+    """`KEY=VALUE` pairs as the KM jobs' and (`ke.KEY=VALUE`) the knowledge extractor's training options, each
+    value read as JSON when it parses (numbers, booleans) else as text; keys must be training options (TrainConfig
+    fields)."""
     from dataclasses import fields
 
     from trainer_worker.train_config import TrainConfig
 
     known = sorted(f.name for f in fields(TrainConfig) if f.name != "method")
-    options: dict[str, object] = {}
+    km: dict[str, object] = {}
+    ke: dict[str, object] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or key.strip() not in known:
-            raise typer.BadParameter(f"expected KEY=VALUE with KEY one of {', '.join(known)}; got {pair!r}",
+        key = key.strip()
+        target = ke if key.startswith("ke.") else km
+        key = key.removeprefix("ke.")
+        if not sep or key not in known:
+            raise typer.BadParameter(f"expected [ke.]KEY=VALUE with KEY one of {', '.join(known)}; got {pair!r}",
                                      param_hint="--train-option")
         try:
-            options[key.strip()] = json.loads(value)
+            target[key] = json.loads(value)
         except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+            target[key] = value
+    return km, ke
 
 
 def _harness_options(settings: str | None, km_steps: int | None, ke_steps: int | None, profile: str | None,
@@ -70,7 +76,8 @@ def _harness_options(settings: str | None, km_steps: int | None, ke_steps: int |
     chosen = tuple(s.strip() for s in settings.split(",") if s.strip()) if settings else SETTING_NAMES
     options = HarnessOptions(km_steps=km_steps, ke_steps=ke_steps, synthesis_profile=profile,
                              retrieval_tokens=retrieval_tokens, rag_top_k=rag_top_k, concurrency=concurrency,
-                             settings=chosen, extra_train=_train_options(train_option))
+                             settings=chosen)
+    options.extra_train, options.ke_train = _train_options(train_option)
     try:
         options.selected()
     except ValueError as exc:

@@ -69,6 +69,7 @@ class HarnessOptions:
     ke_name: str = "eval"
     settings: tuple[str, ...] = SETTING_NAMES
     extra_train: dict[str, Any] = field(default_factory=dict)
+    ke_train: dict[str, Any] = field(default_factory=dict)  # the knowledge extractor's job's training options
 
     def train_options(self, method: str, *, upload: bool = False) -> dict[str, Any]:
         """The upload's / train job's training options (the retrieval chunk size only with the upload, which
@@ -162,7 +163,7 @@ class Harness:
         """Train the knowledge extractor on the training documents' QA with their KMs frozen."""
         records = [{"document_id": d.document_id, "question": q.question, "answer": q.answers[0]}
                    for d in documents for q in d.document.questions if q.answers]
-        payload: dict[str, Any] = {"name": self.options.ke_name, "qa": records}
+        payload: dict[str, Any] = {"name": self.options.ke_name, "qa": records, **self.options.ke_train}
         if self.options.ke_steps is not None:
             payload["steps"] = self.options.ke_steps
         if self.options.rank is not None:

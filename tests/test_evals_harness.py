@@ -60,11 +60,15 @@ def test_kmserve_eval_synthetic_runs_through_the_platform(tmp_path: Path, tiny_m
         "--max-facts", "5", "--settings", SETTINGS, "--km-steps", "2", "--ke-steps", "2", "--profile", "fast",
         "--retrieval-tokens", "16", "--out", str(out), "--name", "smoke", "--base-model", str(tiny_model_dir),
         "--data-dir", str(tmp_path / "data"), "--train-option", "lr=0.005", "--train-option", "grad_accum=1",
+        "--train-option", "ke.mix_lr_scale=20",
     ])
     assert result.exit_code == 0, result.output
     with sqlite3.connect(tmp_path / "data" / "kmserve.db") as db:  # every KM was trained with the options given
         configs = [json.loads(row[0])["train"] for row in db.execute("SELECT config FROM adapters WHERE kind = 'km'")]
+        (ke,) = [json.loads(row[0])["train"] for row in db.execute("SELECT config FROM adapters WHERE kind = 'ke'")]
     assert configs and all(c["lr"] == 0.005 and c["grad_accum"] == 1 and c["steps"] == 2 for c in configs)
+    assert all(c["mix_lr_scale"] == 10.0 for c in configs)  # ke.* options go to the knowledge extractor alone
+    assert ke["mix_lr_scale"] == 20 and ke["lr"] != 0.005 and ke["steps"] == 2
     payload = json.loads((out / "smoke.json").read_text())
     assert [row["setting"] for row in payload["scores"]] == [s for s in SETTING_NAMES if s in SETTINGS.split(",")]
     assert all(row["count"] == 3 for row in payload["scores"])
@@ -78,7 +82,7 @@ def test_kmserve_eval_synthetic_runs_through_the_platform(tmp_path: Path, tiny_m
     assert sorted(len(v) for k, v in adapters.items() if k.startswith("train-")) == [2, 2]
 
 
-@pytest.mark.parametrize("option", ["lr", "lrate=0.1", "=3"])
+@pytest.mark.parametrize("option", ["lr", "lrate=0.1", "=3", "ke.lrate=0.1", "ke.=1"])
 def test_a_training_option_must_be_a_known_key_with_a_value(option: str) -> None:
     result = CliRunner().invoke(app, ["eval", "synthetic", "--docs", "1", "--train-option", option])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output

@@ -152,13 +152,28 @@ def test_task_loss_on_the_training_questions_falls(trained: Trained) -> None:
     assert trained.loss_after < 0.95 * trained.loss_before
 
 
+def test_mixing_weights_learn_at_their_own_rate(tiny: tuple[Any, Any], km_dirs: dict[str, Path]) -> None:
+    moved = {}
+    for scale in (1.0, 10.0):
+        with ke_trainer(tiny, km_dirs, config_for(steps=30, lr=1e-3, mix_lr_scale=scale)) as trainer:
+            for _ in range(3):
+                trainer.train_step()
+            lora, mixing = trainer.optimizer.param_groups
+            assert mixing["lr"] == pytest.approx(scale * lora["lr"]) and mixing["weight_decay"] == 0.0
+            assert {id(p) for p in mixing["params"]} == {id(p) for p in trainer.ke.weights.parameters()}
+            weights = trainer.ke.layer_weights()
+            moved[scale] = max(abs(w - INIT_WEIGHT) for key in ("km", "ke") for w in weights[key])
+    print(f"largest move of a layer weight in 3 steps: {moved}")
+    assert moved[10.0] > 3 * moved[1.0] > 0
+
+
 class StopHere(Exception):  # noqa: N818 - a signal
     """Ends a run between steps, as a killed worker would."""
 
 
 def test_resumed_run_restores_the_ke_its_layer_weights_and_optimizer(
         tiny: tuple[Any, Any], km_dirs: dict[str, Path], tmp_path: Path) -> None:
-    config = config_for(steps=6, eval_every=2, checkpoint_every=3)
+    config = config_for(steps=6, eval_every=2, checkpoint_every=3, mix_lr_scale=5.0)
     with ke_trainer(tiny, km_dirs, config) as straight:
         straight.fit()
         expected = straight.snapshot()

@@ -6,6 +6,7 @@ s is each adapter's own scaling and w_M, w_E are learnable per-layer scalars. `r
 
 PEFT multiplies an adapter's delta by `layer.scaling[adapter]` in forward. A forward pre-hook on every LoRA layer sets
 that entry to w[l] * s (a tensor of the learnable weights) before each call, which is how the weights get gradients.
+They learn at `mix_lr_scale` times the KE's learning rate (`KeTrainer.param_groups`).
 The KE is PEFT's `default` adapter, so the helpers that read a trained LoRA (`adapter_tensors`, `peft_config_dict`)
 read the KE. Only one KM is active at a time: the one of the document the current examples are about.
 """

@@ -178,11 +178,14 @@ class KmTrainer:
         self.model, self.data, self.config, self.pad_id = model, data, config, pad_id
         self.device = next(model.parameters()).device
         self.param_names = [name for name, p in model.named_parameters() if p.requires_grad]
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = data.sampler(config.seed)
         self.state = TrainState()
         self.best_adapter = self.snapshot()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups; a group's `lr_scale` multiplies the scheduled learning rate."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0}]
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """The trained weights, copied to the CPU: what is kept as the best and what checkpoints hold."""
@@ -220,7 +223,7 @@ class KmTrainer:
         cfg, total = self.config, 0.0
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.state.step, cfg)
+            group["lr"] = lr_at(self.state.step, cfg) * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
             loss, tokens = self.loss(self.sampler.next_batch(cfg.batch_size))

@@ -58,6 +58,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     bf16: bool = True
     seed: int = 0
+    # A knowledge extractor's per-layer mixing weights learn at mix_lr_scale * lr (knowledge modules ignore it).
+    mix_lr_scale: float = 10.0
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
@@ -66,7 +68,7 @@ class TrainConfig:
                      "max_dev_examples", "max_context_tokens", "max_target_tokens"):
             _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         _require(self.window >= 2, "window", "an integer >= 2", self.window)
-        for name in ("lr", "grad_clip", "temperature"):
+        for name in ("lr", "grad_clip", "temperature", "mix_lr_scale"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in ("weight_decay", "logit_factor", "hidden_factor"):
             _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
