@@ -1,7 +1,11 @@
-"""Helpers for tests of a running app: admin headers, and adapters registered as a document's KM versions."""
+"""Helpers for tests of a running app: admin headers, adapters registered as a document's KM versions, and a
+generation slowed to a known pace."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,3 +49,23 @@ def register_ke(state: AppState, lora_dir: Path, name: str, **config: Any) -> in
     with write_transaction(state.sessions) as session:
         return register_adapter(session, AdapterCreate.from_stored(
             stored, kind=AdapterKind.KE, lineage=f"ke:{name}", config=config)).id
+
+
+@contextmanager
+def slow_forward(seconds: float = 0.005) -> Iterator[None]:
+    """Every forward pass of a causal LM takes at least `seconds` longer while this is open.
+
+    Tests of deadlines and drains need a generation that outlasts them; the tiny model on an idle CPU writes 1,800
+    tokens in under 2 s, so its speed alone cannot promise that.
+    """
+    import torch
+
+    def pause(module: Any, args: Any) -> None:
+        if type(module).__name__.endswith("ForCausalLM"):
+            time.sleep(seconds)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pause)
+    try:
+        yield
+    finally:
+        handle.remove()

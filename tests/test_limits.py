@@ -39,11 +39,11 @@ from server.limits import (
 from server.services.generation import MSG_PROMPT_TOO_LONG
 from server.state import AppState
 from tests.live_server import serve
-from tests.served import admin_headers
+from tests.served import admin_headers, slow_forward
 
 torch.set_num_threads(1)
 
-SLOW_TOKENS = 1800  # ~3.5 s of generation: far past the deadlines below
+SLOW_TOKENS = 1800  # at least 9 s of generation under slow_forward: far past the deadlines below
 DEADLINE = 1.5
 # Greedy outputs of the tiny model that run to max_tokens without meeting EOS (checked; others stop early).
 LONG_QUESTION = "What is the capital of France?"
@@ -282,7 +282,7 @@ def _engine_stops(state: AppState, calls_before: int) -> int:
 
 
 def test_generation_past_the_deadline_is_504_and_aborted(app_settings: Settings) -> None:
-    with app_client(app_settings, request_timeout_seconds=DEADLINE) as (client, state, admin):
+    with slow_forward(), app_client(app_settings, request_timeout_seconds=DEADLINE) as (client, state, admin):
         before = _warm_up(client, state, admin)
         start = time.monotonic()
         response = client.post("/v1/query", json={"km": state.base_model_id, "question": LONG_QUESTION,
@@ -306,7 +306,7 @@ def _sse_data(text: str) -> list[Any]:
 
 def test_streams_past_the_deadline_end_with_an_error_event(app_settings: Settings) -> None:
     timeout = {"code": "request_timeout", "message": MSG_REQUEST_TIMEOUT.format(seconds=DEADLINE)}
-    with app_client(app_settings, request_timeout_seconds=DEADLINE) as (client, state, admin):
+    with slow_forward(), app_client(app_settings, request_timeout_seconds=DEADLINE) as (client, state, admin):
         before = _warm_up(client, state, admin)
         query = client.post("/v1/query", headers=admin, json={
             "km": state.base_model_id, "question": LONG_QUESTION, "max_tokens": SLOW_TOKENS, "stream": True})
