@@ -120,3 +120,34 @@ def test_the_lookup_diagnostics_ask_record_prefixes_on_shared_attribute_document
     assert score["documents"] == 1 and score["questions"] == 12  # each fact: its record prefix and a paraphrase
     assert 0.0 <= score["standard"] <= 1.0 and 0.0 <= score["paraphrase"] <= 1.0
     assert score["value_first"] == 0.0 and score["entity_first"] == score["standard"]  # record lines: entity first
+
+
+def test_grown_weights_compute_what_the_shallower_model_did(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    shallow = replace(SMALL, layers=4)
+    model = train.build_model(shallow, word_tokenizer)
+    with torch.no_grad():  # random residual outputs, so that a zeroed copy would show if it were not zeroed
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = train.grown(state, 7)
+    assert train.grown(state, 4) is state and train.grown(state, 3) is state
+    deep = train.build_model(replace(shallow, layers=7), word_tokenizer)
+    missing, unexpected = deep.load_state_dict(layers, strict=False)
+    assert not unexpected and all("rotary" in key or "lm_head" in key for key in missing)
+    deep.tie_weights()
+    # old layers 1 and 2 take the three added layers in turn: old 0, 1, 1', 1', 2, 2', 3
+    query = "self_attn.q_proj.weight"
+    assert torch.equal(layers[f"model.layers.1.{query}"], layers[f"model.layers.3.{query}"])
+    assert torch.equal(layers["model.layers.6.mlp.down_proj.weight"], state["model.layers.3.mlp.down_proj.weight"])
+    for n in (2, 3, 5):
+        assert not layers[f"model.layers.{n}.self_attn.o_proj.weight"].any()
+        assert not layers[f"model.layers.{n}.mlp.down_proj.weight"].any()
+    assert layers["model.layers.4.mlp.down_proj.weight"].any()
+    text = "The capital of Kelka is Morsu. What is the capital of Kelka?"
+    ids = word_tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, deep(ids).logits, atol=1e-5)
+        deep.model.layers[2].self_attn.o_proj.weight.fill_(0.1)  # and the added layers are live, not frozen copies
+        assert not torch.allclose(model(ids).logits, deep(ids).logits, atol=1e-3)

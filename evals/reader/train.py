@@ -163,6 +163,39 @@ def build_model(recipe: Recipe, tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
+LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def grown(state: dict[str, Any], layers: int) -> dict[str, Any]:
+    """An earlier phase's weights stretched to `layers` decoder layers without changing what the model computes.
+
+    Each added layer is a copy of the layer before it with its two residual outputs (attention and MLP output
+    projections) zeroed: it adds nothing to the residual stream until training moves those projections, while its
+    queries, keys and MLP inputs start from weights that already read that stream. Added layers are spread over
+    the middle of the stack (where a look-up composes), the first and last old layers stay at the ends.
+    """
+    old = 1 + max((int(m.group(1)) for key in state if (m := LAYER.match(key))), default=-1)
+    if old == 0 or layers <= old:
+        return state
+    # old layer i is followed by copies[i] added layers; layers 1..old-2 take them in turn (or the first if old < 3)
+    middle = list(range(1, old - 1)) or [0]
+    copies = [0] * old
+    for n in range(layers - old):
+        copies[middle[n % len(middle)]] += 1
+    source = [i for i in range(old) for _ in range(1 + copies[i])]
+    added = {n for n in range(1, layers) if source[n] == source[n - 1]}
+    out = {key: value for key, value in state.items() if not LAYER.match(key)}
+    for key, value in state.items():
+        if (m := LAYER.match(key)) is None:
+            continue
+        for n, origin in enumerate(source):
+            if origin == int(m.group(1)):
+                zero = n in added and m.group(2) in RESIDUAL_OUTPUTS
+                out[f"model.layers.{n}.{m.group(2)}"] = value.clone().zero_() if zero else value.clone()
+    return out
+
+
 def induction_pool(recipe: Recipe, tokenizer: Any) -> list[int]:
     """Token ids the induction warm-up draws from: the whole vocabulary but the special tokens, or (`documents`)
     only the tokens generated documents are made of, a few hundred, each then trained far more often."""
@@ -290,7 +323,7 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     if init_from is not None:  # a continued run: the earlier phase's weights (its recipe is recorded with them)
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(init_from / "model.safetensors"), strict=False)
+        model.load_state_dict(grown(load_file(init_from / "model.safetensors"), recipe.layers), strict=False)
         model.tie_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                                   betas=(0.9, 0.98))
@@ -409,6 +442,8 @@ def main() -> None:
                         help="End the induction warm-up early once its mean loss over 20 steps is below this.")
     parser.add_argument("--value-first", type=float, default=Recipe.value_first,
                         help="Share of facts written value first (\"Morsu is the capital of Kelka.\").")
+    parser.add_argument("--layers", type=int, default=Recipe.layers,
+                        help="Decoder layers; more than --init-from's adds layers that start as identities.")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -424,7 +459,7 @@ def main() -> None:
                     induction_batch=args.induction_batch, tokenizer=args.tokenizer,
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
-                    value_first=args.value_first)
+                    value_first=args.value_first, layers=args.layers)
     train(recipe, args.out, init_from=args.init_from)
 
 

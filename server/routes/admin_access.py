@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
+from registry import adapters as adapter_repo
 from registry import aliases as alias_repo
 from registry import api_keys as key_repo
 from registry.db import transaction, write_transaction
@@ -75,8 +76,14 @@ def list_aliases(principal: AdminPrincipal, state: StateDep, tenant: TenantQuery
 @router.put("/aliases/{name}", response_model=AliasPublic)
 def put_alias(name: NamePath, body: AliasUpdate, principal: AdminPrincipal, state: StateDep,
               tenant: TenantQuery = None) -> AliasPublic:
-    """Point an alias at an adapter version of its tenant (the hot swap: the next request uses it)."""
+    """Point an alias at an adapter version of its tenant (the hot swap: the next request uses it).
+
+    The version's files are verified first: an alias never moves to weights that fail their checksum (503
+    `adapter_corrupt`, the alias stays where it was)."""
     owner = principal.acting_for(tenant)
+    with transaction(state.sessions) as session:
+        uri = adapter_repo.get_adapter(session, body.adapter_id, tenant=owner).uri
+    state.store.open(uri)
     with write_transaction(state.sessions) as session:
         return _alias_public(alias_repo.set_alias(session, name, body.adapter_id, tenant=owner))
 
