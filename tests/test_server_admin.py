@@ -11,7 +11,7 @@ from registry.config import Settings
 from registry.db import transaction
 from server.app import create_app
 from server.auth import MSG_NO_KEY, MSG_NO_SCOPE
-from tests.factories import make_adapter
+from tests.factories import make_adapter, make_stored_adapter
 
 
 @pytest.fixture
@@ -77,15 +77,19 @@ def test_bad_scope_is_422(client: TestClient, admin: dict[str, str]) -> None:
 
 
 def test_alias_hot_swap_routes(client: TestClient, admin: dict[str, str]) -> None:
-    sessions = client.app.state.kmserve.sessions  # type: ignore[attr-defined]
-    with transaction(sessions) as session:
-        v1 = make_adapter(session)
-        v2 = make_adapter(session, lineage=v1.lineage, document_id=v1.document_id)
+    state = client.app.state.kmserve  # type: ignore[attr-defined]
+    with transaction(state.sessions) as session:
+        v1 = make_stored_adapter(session, state.store, seed=1)
+        v2 = make_stored_adapter(session, state.store, seed=2, lineage=v1.lineage, document_id=v1.document_id)
+        unstored = make_adapter(session, lineage=v1.lineage, document_id=v1.document_id)
     put = client.put(f"/admin/aliases/{v1.lineage}", json={"adapter_id": v1.id}, headers=admin).json()
     assert (put["version"], put["revision"]) == (1, 1)
     moved = client.put(f"/admin/aliases/{v1.lineage}", json={"adapter_id": v2.id}, headers=admin).json()
     assert (moved["version"], moved["revision"]) == (2, 2)
+    lost = client.put(f"/admin/aliases/{v1.lineage}", json={"adapter_id": unstored.id}, headers=admin)
+    assert lost.status_code == 404 and lost.json()["error"]["code"] == "not_found"  # a version whose files are gone
     names = [a["name"] for a in client.get("/admin/aliases", headers=admin).json()["data"]]
+    assert [a["adapter_id"] for a in client.get("/admin/aliases", headers=admin).json()["data"]] == [v2.id]
     assert v1.lineage in names
     assert client.delete(f"/admin/aliases/{v1.lineage}", headers=admin).status_code == 204
     missing = client.delete(f"/admin/aliases/{v1.lineage}", headers=admin)

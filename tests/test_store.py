@@ -32,6 +32,7 @@ from registry.config import Settings
 from registry.errors import ChecksumError, InvalidAdapterError, NotFoundError, UnsafeFormatError
 from registry.store import AdapterStore
 from registry.store_format import MANIFEST_NAME
+from tests.factories import lora_config, lora_tensors
 from tests.tiny import tiny_llama
 
 torch.set_num_threads(2)
@@ -102,21 +103,6 @@ def edit_config(directory: Path, **changes: Any) -> None:
     config = json.loads((directory / CONFIG_NAME).read_text())
     config.update(changes)
     (directory / CONFIG_NAME).write_text(json.dumps(config))
-
-
-def lora_config(rank: int = 2, **changes: Any) -> dict[str, Any]:
-    return {"peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": ["q_proj", "down_proj"], **changes}
-
-
-def lora_tensors(seed: int, rank: int = 2) -> dict[str, torch.Tensor]:
-    """LoRA tensors under PEFT's saved names for q_proj (32 -> 32) and down_proj (64 -> 32)."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.mlp.down_proj": (64, 32)}
-    tensors = {}
-    for module, (fan_in, fan_out) in shapes.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator)
-    return tensors
 
 
 def stored_weights(store: AdapterStore, key: str) -> Path:
