@@ -88,9 +88,9 @@ def test_alias_hot_swap_routes(client: TestClient, admin: dict[str, str]) -> Non
     assert (moved["version"], moved["revision"]) == (2, 2)
     lost = client.put(f"/admin/aliases/{v1.lineage}", json={"adapter_id": unstored.id}, headers=admin)
     assert lost.status_code == 404 and lost.json()["error"]["code"] == "not_found"  # a version whose files are gone
-    names = [a["name"] for a in client.get("/admin/aliases", headers=admin).json()["data"]]
-    assert [a["adapter_id"] for a in client.get("/admin/aliases", headers=admin).json()["data"]] == [v2.id]
-    assert v1.lineage in names
+    listed = client.get("/admin/aliases", headers=admin).json()["data"]
+    assert [a["adapter_id"] for a in listed] == [v2.id]
+    assert v1.lineage in [a["name"] for a in listed]
     assert client.delete(f"/admin/aliases/{v1.lineage}", headers=admin).status_code == 204
     missing = client.delete(f"/admin/aliases/{v1.lineage}", headers=admin)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
