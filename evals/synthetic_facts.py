@@ -68,6 +68,7 @@ ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ..
         ("On which river does {e} lie?", "Name the river of {e}.")),
 }
 QUESTION_FAMILIES = ("standard", "paraphrase")
+CONFUSABLE_SYLLABLES = 8
 TITLE_TEMPLATES = ("Notes on {e}", "A short history of {e}", "The lands around {e}", "Facts about {e} and its allies")
 
 
@@ -130,11 +131,16 @@ class FactGenerator:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         self._used: set[str] = set()
+        self._syllables: Sequence[str] = SYLLABLES
 
     def name(self, syllables: tuple[int, int] = (2, 3)) -> str:
         """A fresh invented name (never repeated within the current document)."""
+        attempts = 0
         while True:
-            parts = [self.rng.choice(SYLLABLES) for _ in range(self.rng.randint(*syllables))]
+            # a document of look-alike names that has used up its few syllables' names draws from all of them
+            pool = self._syllables if attempts < 200 else SYLLABLES
+            attempts += 1
+            parts = [self.rng.choice(pool) for _ in range(self.rng.randint(*syllables))]
             candidate = "".join(parts).capitalize()
             if candidate not in self._used and len(candidate) > 3:
                 self._used.add(candidate)
@@ -152,7 +158,7 @@ class FactGenerator:
 
     def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None),
                  style: str = "sentences", shared_attributes: bool = False,
-                 value_first: float = 0.0) -> FactDocument:
+                 value_first: float = 0.0, confusable: bool = False) -> FactDocument:
         """A document of exactly `n_facts` facts about several entities, with both question families.
 
         `style="lines"` writes each fact as a record line, `entity | attribute | value`: the reader learns to look
@@ -160,8 +166,12 @@ class FactGenerator:
         attributes (in its own order), so a question is answered only by matching its entity, never by its
         attribute alone. `value_first` is the share of facts written in a template that names the value before the
         entity ("Morsu is the capital of Kelka."), the harder lookup; at 0 the templates are drawn uniformly.
+        `confusable` draws the document's names from a few syllables only (CONFUSABLE_SYLLABLES), so that names
+        share their first or last syllables ("Kelmor", "Kelmi", "Mikel"): a question is answered only by matching
+        the whole name, and a value is copied to its end, not continued from a look-alike.
         """
         self._used = set()  # names are unique within a document; documents are independent worlds
+        self._syllables = self.rng.sample(SYLLABLES, k=CONFUSABLE_SYLLABLES) if confusable else SYLLABLES
         facts: list[Fact] = []
         shared = self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(2, 4)) if shared_attributes else []
         while len(facts) < n_facts:
@@ -195,12 +205,12 @@ def is_value_first(template: str) -> bool:
 
 
 def generate_documents(count: int, seed: int, *, min_facts: int = 20, max_facts: int = 60,
-                       prefix: str = "facts", style: str = "sentences",
-                       shared_attributes: bool = False) -> list[FactDocument]:
+                       prefix: str = "facts", style: str = "sentences", shared_attributes: bool = False,
+                       confusable: bool = False) -> list[FactDocument]:
     """`count` documents of `min_facts`..`max_facts` facts each, reproducible from `seed`."""
     generator = FactGenerator(seed)
     return [generator.document(f"{prefix}-{seed}-{n}", generator.rng.randint(min_facts, max_facts), style=style,
-                               shared_attributes=shared_attributes)
+                               shared_attributes=shared_attributes, confusable=confusable)
             for n in range(count)]
 
 

@@ -46,6 +46,7 @@ class AdapterCreate:
     writer_versions: dict[str, Any] = field(default_factory=dict)
     status: AdapterStatus = AdapterStatus.READY
     tenant: str = DEFAULT_TENANT
+    job_id: int | None = None  # the job that trained it: a retried job registers nothing twice
 
     @classmethod
     def from_stored(
@@ -64,9 +65,16 @@ class AdapterCreate:
 
 
 def register_adapter(session: Session, data: AdapterCreate) -> Adapter:
-    """Record a new version (latest + 1) of the adapter's lineage and return it."""
+    """Record a new version (latest + 1) of the adapter's lineage and return it.
+
+    Idempotent per job: when `data.job_id` already registered a version of the lineage (a worker died after
+    registering, before the job was marked done, and the job ran again), that version is returned instead.
+    """
     if data.document_id is not None:
         get_owned(session, Document, data.document_id, data.tenant, "document")
+    if data.job_id is not None and (done := registered_by_job(session, data.lineage, data.job_id,
+                                                              tenant=data.tenant)) is not None:
+        return done
     for attempt in range(REGISTER_ATTEMPTS):
         adapter = _new_version(session, data)
         try:
@@ -85,9 +93,17 @@ def _new_version(session: Session, data: AdapterCreate) -> Adapter:
         tenant=data.tenant, kind=data.kind, lineage=data.lineage, version=version, document_id=data.document_id,
         base_model=data.base_model, rank=data.rank, alpha=data.alpha, use_rslora=data.use_rslora,
         target_modules=sorted(data.target_modules), sha256=data.sha256, size_bytes=data.size_bytes, uri=data.uri,
-        status=data.status, metrics=dict(data.metrics), config=dict(data.config),
+        status=data.status, metrics=dict(data.metrics),
+        config={**data.config, **({"job_id": data.job_id} if data.job_id is not None else {})},
         writer_versions=dict(data.writer_versions),
     )
+
+
+def registered_by_job(session: Session, lineage: str, job_id: int, *, tenant: str = DEFAULT_TENANT) -> Adapter | None:
+    """The version of a lineage that job `job_id` registered (recorded as `config["job_id"]`), if any."""
+    stmt = select(Adapter).where(Adapter.tenant == tenant, Adapter.lineage == lineage)
+    return next((a for a in session.scalars(stmt.order_by(Adapter.version.desc()))
+                 if a.config.get("job_id") == job_id), None)
 
 
 def latest_version(session: Session, lineage: str, *, tenant: str = DEFAULT_TENANT) -> int:

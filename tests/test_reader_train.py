@@ -14,7 +14,7 @@ from evals.synthetic_facts import FactGenerator
 
 SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, intermediate_size=64, induction_steps=2,
                      steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5, record_queries=0.5,
-                     shared_attributes=0.5)
+                     shared_attributes=0.5, confusable=0.5)
 
 
 @pytest.fixture(scope="module")

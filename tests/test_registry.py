@@ -107,6 +107,20 @@ def test_versions_increase_per_lineage(session: Session) -> None:
     assert adapter_repo.get_version(session, v1.lineage, 1).id == v1.id
 
 
+def test_a_job_registers_one_version_however_often_it_runs(session: Session) -> None:
+    first = make_adapter(session, job_id=41, config={"method": "sdcd"})
+    again = make_adapter(session, lineage=first.lineage, document_id=first.document_id, job_id=41)
+    assert again.id == first.id and first.config == {"method": "sdcd", "job_id": 41}
+    assert adapter_repo.latest_version(session, first.lineage) == 1
+    # another job, or no job, is a new version; the same job in another lineage is that lineage's own version
+    other = make_adapter(session, lineage=first.lineage, document_id=first.document_id, job_id=42)
+    plain = make_adapter(session, lineage=first.lineage, document_id=first.document_id)
+    elsewhere = make_adapter(session, job_id=41)
+    assert (other.version, plain.version, elsewhere.version) == (2, 3, 1) and "job_id" not in plain.config
+    assert adapter_repo.registered_by_job(session, first.lineage, 42).id == other.id  # type: ignore[union-attr]
+    assert adapter_repo.registered_by_job(session, first.lineage, 43) is None
+
+
 def test_adapter_records_everything(session: Session) -> None:
     adapter = make_adapter(
         session, kind=AdapterKind.KE, lineage="ke:quality", rank=8, alpha=16.0, use_rslora=True,

@@ -7,8 +7,15 @@ import random
 import pytest
 
 from engines.prompts import PASSAGES_PREAMBLE
-from evals.reader import formats
-from evals.synthetic_facts import ATTRIBUTES, FactGenerator, generate_documents, is_value_first
+from evals.reader import formats, train
+from evals.synthetic_facts import (
+    ATTRIBUTES,
+    CONFUSABLE_SYLLABLES,
+    SYLLABLES,
+    FactGenerator,
+    generate_documents,
+    is_value_first,
+)
 from trainer_worker.qa_parsing import parse_qa
 
 
@@ -136,3 +143,22 @@ def test_shared_attributes_make_the_entity_the_only_key() -> None:
     # off by default, and then the seeded stream is untouched: a seed gives the documents it always gave
     assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, shared_attributes=False)
     assert generate_documents(2, 7, min_facts=4, max_facts=6)[0].facts[0].entity == "Shara"
+
+
+def test_confusable_documents_draw_every_name_from_a_few_syllables() -> None:
+    doc = FactGenerator(4).document("look-alike", 24, confusable=True)
+    names = {f.entity for f in doc.facts} | {part for f in doc.facts if f.attribute in ("capital", "founder",
+                                                                                      "partner", "river")
+                                             for part in f.value.split()}
+    syllables = {s for name in names for s in train.SYLLABLE.findall(name.lower())}
+    assert len(syllables) <= CONFUSABLE_SYLLABLES < len(SYLLABLES)
+    # names really look alike: most entities share their first syllable with another name in the document
+    firsts = [train.SYLLABLE.match(name.lower()).group(0) for name in names]  # type: ignore[union-attr]
+    assert sum(firsts.count(first) > 1 for first in firsts) > len(firsts) // 2
+    assert len({f.entity for f in doc.facts}) >= 4, "still several distinct entities"
+    # a long document that runs out of the few syllables' names still completes, with unique names
+    long = FactGenerator(4).document("long", 300, confusable=True)
+    assert len(long.facts) == 300
+    assert len(long.text.split("\n\n")) == len({f.entity for f in long.facts}), "no entity name drawn twice"
+    # off by default, and then the seeded stream is untouched
+    assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, confusable=False)

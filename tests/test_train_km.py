@@ -219,6 +219,12 @@ def test_handler_registers_km_versions_and_moves_the_alias(registry: Registry, t
     job = registry.queue.get(ctx.job.id)
     assert job.metrics["step"] == 6 and job.metrics["steps"] == 6 and job.metrics["loss"]
     assert_clean(tiny[0])
+    # the worker died after registering, before the job was marked done: the job's next attempt trains nothing
+    # and reports the version it registered
+    again = run(ctx)
+    assert again == result
+    with transaction(registry.sessions) as session:
+        assert latest_version(session, lineage) == 1 and adapter.config["job_id"] == ctx.job.id
 
     second = run(start_job(registry, document_id, {"train": {"method": "ddcd"}, "steps": 4}))
     with transaction(registry.sessions) as session:

@@ -247,6 +247,7 @@ def publish(ctx: JobContext, config: CompressorConfig, trained: Trained) -> tupl
         data = AdapterCreate.from_stored(
             stored, kind=AdapterKind.COMPRESSOR, lineage=lineage, base_model=trained.base_model, tenant=tenant,
             metrics=trained.metrics, config={"method": config.method, "train": asdict(config)},
+            job_id=ctx.job.id,
         )
         adapter = register_adapter(session, data)
         set_alias(session, lineage, adapter.id, tenant=tenant)

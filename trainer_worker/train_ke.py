@@ -369,6 +369,7 @@ def publish(ctx: JobContext, name: str, outcome: TrainOutcome, kms: Sequence[KmR
         data = AdapterCreate.from_stored(
             stored, kind=AdapterKind.KE, lineage=lineage, base_model=served_model_name(ctx.settings), tenant=tenant,
             metrics=metrics, config=_registry_config(weights, kms, config, profile, multiple_choice),
+            job_id=ctx.job.id,
         )
         adapter = register_adapter(session, data)
         set_alias(session, lineage, adapter.id, tenant=tenant)

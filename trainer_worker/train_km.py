@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from engines.factory import resolve_base_model
 from engines.hf_loading import load_causal_lm, load_tokenizer, resolve_device
-from registry.adapters import AdapterCreate, km_lineage, register_adapter
+from registry.adapters import AdapterCreate, km_lineage, register_adapter, registered_by_job
 from registry.aliases import set_alias
-from registry.db import write_transaction
+from registry.db import transaction, write_transaction
 from registry.documents import update_document
 from registry.models import AdapterKind, Document, DocumentStatus
 from trainer_worker.artifacts import latest_synthetic, load_document, read_chunks
@@ -203,6 +203,7 @@ def publish(ctx: JobContext, document: Document, outcome: TrainOutcome, config: 
             stored, kind=AdapterKind.KM, lineage=lineage, base_model=served_model_name(ctx.settings),
             document_id=document.id, tenant=document.tenant, metrics=metrics,
             config={"method": config.method, "profile": profile, "train": asdict(config)},
+            job_id=ctx.job.id,
         )
         adapter = register_adapter(session, data)
         set_alias(session, lineage, adapter.id, tenant=document.tenant)
@@ -210,11 +211,24 @@ def publish(ctx: JobContext, document: Document, outcome: TrainOutcome, config: 
         return adapter.id, adapter.version, metrics
 
 
+def published_earlier(ctx: JobContext, document: Document) -> tuple[int, int, dict[str, Any]] | None:
+    """Id, version and metrics of the version this job registered on an earlier attempt (the worker died after
+    registering it and before the job was marked done), if any."""
+    with transaction(ctx.sessions) as session:
+        adapter = registered_by_job(session, km_lineage(document.id), ctx.job.id, tenant=document.tenant)
+        return None if adapter is None else (adapter.id, adapter.version, dict(adapter.metrics))
+
+
 def run(ctx: JobContext) -> dict[str, Any]:
     """Handler of `train_km` jobs."""
     document = load_document(ctx)
     # Options are checked before the model loads: a bad payload fails at once.
     config, profile = job_config(ctx.payload, ctx.settings, resolve_device().type)
+    if (earlier := published_earlier(ctx, document)) is not None:
+        adapter_id, version, metrics = earlier
+        ctx.report(1.0, f"version {version} was registered by this job's earlier attempt; not training again")
+        remove_checkpoints(ctx.checkpoint_dir)
+        return job_result(adapter_id, version, document, metrics, config.method, profile)
     model_id = resolve_base_model(ctx.settings)
     base, tokenizer = base_model(model_id)
     data = build_data(ctx.store, document, tokenizer, config, ctx.payload.get("synthetic_key"))
@@ -222,6 +236,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     outcome = train(ctx, base, tokenizer, data, config, model_id)
     adapter_id, version, metrics = publish(ctx, document, outcome, config, profile)
     remove_checkpoints(ctx.checkpoint_dir)
+    return job_result(adapter_id, version, document, metrics, config.method, profile)
+
+
+def job_result(adapter_id: int, version: int, document: Document, metrics: dict[str, Any], method: str,
+               profile: str) -> dict[str, Any]:
+    """What a finished `train_km` job reports."""
     return {"adapter_id": adapter_id, "version": version, "alias": km_lineage(document.id),
-            "best_dev_loss": metrics["best_dev_loss"], "steps": metrics["steps"], "method": config.method,
+            "best_dev_loss": metrics["best_dev_loss"], "steps": metrics["steps"], "method": method,
             "profile": profile, "loss_curve_uri": metrics["loss_curve_uri"]}

@@ -91,7 +91,7 @@ def publish(ctx: JobContext, outcome: TrainOutcome, name: str, metrics: dict[str
     with write_transaction(ctx.sessions) as session:
         adapter = register_adapter(session, AdapterCreate.from_stored(
             stored, kind=AdapterKind.REASONER, lineage=f"reasoner:{name}", base_model=served_model_name(ctx.settings),
-            tenant=tenant, metrics=metrics, config={"train": asdict(config)}))
+            tenant=tenant, metrics=metrics, config={"train": asdict(config)}, job_id=ctx.job.id))
         set_alias(session, REASONER_ALIAS, adapter.id, tenant=tenant)
         return adapter.id, adapter.version
 

@@ -187,7 +187,7 @@ def publish(ctx: JobContext, model: Any, config: RerankerConfig, metrics: dict[s
     with write_transaction(ctx.sessions) as session:
         adapter = register_adapter(session, AdapterCreate.from_stored(
             stored, kind=AdapterKind.RERANKER, lineage=f"reranker:{config.name}", base_model=minilm_name(),
-            tenant=tenant, metrics=metrics, config={"reranker": asdict(config)}))
+            tenant=tenant, metrics=metrics, config={"reranker": asdict(config)}, job_id=ctx.job.id))
         set_alias(session, RERANKER_ALIAS, adapter.id, tenant=tenant)
         return adapter.id, adapter.version
 

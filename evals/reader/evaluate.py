@@ -96,11 +96,14 @@ def main() -> None:
                         help="Share of standard questions asked as the record prefix (lines only).")
     parser.add_argument("--shared-attributes", action="store_true",
                         help="Every entity has the same attributes: only entity matching beats chance.")
+    parser.add_argument("--confusable", action="store_true",
+                        help="Names drawn from a few syllables per document (look-alike names).")
     parser.add_argument("--standard-only", action="store_true", help="Skip the paraphrased questions (faster).")
     args = parser.parse_args()
     model, tokenizer = load(args.model_dir, args.threads)
     docs = generate_documents(args.docs, HELD_OUT_SEED, min_facts=args.min_facts, max_facts=args.max_facts,
-                              prefix="heldout", style=args.style, shared_attributes=args.shared_attributes)
+                              prefix="heldout", style=args.style, shared_attributes=args.shared_attributes,
+                              confusable=args.confusable)
     if args.style == "lines" and args.record_queries:
         rng = random.Random(HELD_OUT_SEED)
         docs = [record_queries(doc, rng, args.record_queries) for doc in docs]

@@ -14,9 +14,10 @@ Recipe (seeded, reproducible on one machine; numbers, the exact command and any 
    that doubles whenever the running exact match of answers reaches 90%, up to the maximum; a share of batches stay
    induction. Documents can be written a line per fact (`--line-docs`) and questions about them asked as the
    line's prefix (`--record-queries`): plain copying first, questions in words on top. `--shared-attributes` gives
-   a share of documents the same attributes for every entity, where only matching the entity answers. Accuracy is
-   teacher-forced exact match of every answer token on fresh documents (never seen before). Phases chain with
-   `--init-from`.
+   a share of documents the same attributes for every entity, where only matching the entity answers, and
+   `--confusable` a share whose names are drawn from a few syllables (look-alikes: only the whole name matches).
+   Accuracy is teacher-forced exact match of every answer token on fresh documents (never seen before). Phases
+   chain with `--init-from`.
 4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
 """
 
@@ -77,6 +78,7 @@ class Recipe:
     induction_pool: str = "documents"
     induction_stop: float = 0.5
     value_first: float = 0.0
+    confusable: float = 0.0
 
 
 _SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
@@ -241,7 +243,9 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
         facts = min(facts, 24)  # document + restatement must fit max_seq
     style = "lines" if rng.random() < recipe.line_docs else "sentences"
     shared = recipe.shared_attributes > 0 and rng.random() < recipe.shared_attributes
-    doc = gen.document("train", facts, style=style, shared_attributes=shared, value_first=recipe.value_first)
+    confusable = recipe.confusable > 0 and rng.random() < recipe.confusable
+    doc = gen.document("train", facts, style=style, shared_attributes=shared, value_first=recipe.value_first,
+                       confusable=confusable)
     if style == "lines" and recipe.record_queries:
         doc = formats.record_queries(doc, rng, recipe.record_queries)
     extra = rng.randint(min(12, facts) // 2, min(12, facts))
@@ -442,6 +446,8 @@ def main() -> None:
                         help="End the induction warm-up early once its mean loss over 20 steps is below this.")
     parser.add_argument("--value-first", type=float, default=Recipe.value_first,
                         help="Share of facts written value first (\"Morsu is the capital of Kelka.\").")
+    parser.add_argument("--confusable", type=float, default=Recipe.confusable,
+                        help="Share of documents whose names are drawn from a few syllables (look-alike names).")
     parser.add_argument("--layers", type=int, default=Recipe.layers,
                         help="Decoder layers; more than --init-from's adds layers that start as identities.")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
@@ -459,7 +465,7 @@ def main() -> None:
                     induction_batch=args.induction_batch, tokenizer=args.tokenizer,
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
-                    value_first=args.value_first, layers=args.layers)
+                    value_first=args.value_first, layers=args.layers, confusable=args.confusable)
     train(recipe, args.out, init_from=args.init_from)
 
 
