@@ -142,6 +142,7 @@ def run_job(state: AppState, payload: dict[str, Any], kind: str = "train_compres
                      settings=state.settings, engine_provider=no_engine)
     result = HandlerTable().resolve(kind)(ctx)
     assert result is not None
+    assert HandlerTable().resolve(kind)(ctx) == result  # a retried attempt reports its version, trains nothing
     return result
 
 

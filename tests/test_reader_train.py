@@ -12,9 +12,9 @@ import pytest
 from evals.reader import train
 from evals.synthetic_facts import FactGenerator
 
-SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, intermediate_size=64, induction_steps=2,
-                     steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5, record_queries=0.5,
-                     shared_attributes=0.5, confusable=0.5)
+SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, head_dim=16, intermediate_size=64,
+                     induction_steps=2, steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5,
+                     record_queries=0.5, shared_attributes=0.5, confusable=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,31 @@ def test_grown_weights_compute_what_the_shallower_model_did(word_tokenizer) -> N
         assert torch.allclose(model(ids).logits, deep(ids).logits, atol=1e-5)
         deep.model.layers[2].self_attn.o_proj.weight.fill_(0.1)  # and the added layers are live, not frozen copies
         assert not torch.allclose(model(ids).logits, deep(ids).logits, atol=1e-3)
+
+
+def test_added_heads_compute_what_the_narrower_model_did_until_trained(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    narrow = replace(SMALL, layers=2, heads=2)
+    model = train.build_model(narrow, word_tokenizer)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    deep = train.grown(state, 3)
+    wide_state = train.with_heads(deep, 4, narrow.head_dim)
+    assert train.with_heads(state, 2, narrow.head_dim) == state
+    wide = train.build_model(replace(narrow, layers=3, heads=4), word_tokenizer)
+    missing, unexpected = wide.load_state_dict(wide_state, strict=False)
+    assert not unexpected and all("rotary" in key or "lm_head" in key for key in missing)
+    wide.tie_weights()
+    query, output = "model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.o_proj.weight"
+    assert wide_state[query].shape == (4 * 16, 32) and wide_state[output].shape == (32, 4 * 16)
+    assert torch.equal(wide_state[query][:32], deep[query])
+    # head 2 copies old head 0 (with a little noise); the added heads' output columns are zero
+    assert torch.allclose(wide_state[query][32:48], deep[query][:16], atol=0.1)
+    assert not torch.equal(wide_state[query][32:48], deep[query][:16])
+    assert not wide_state[output][:, 32:].any() and torch.equal(wide_state[output][:, :32], deep[output])
+    text = "The capital of Kelka is Morsu. What is the capital of Kelka?"
+    ids = word_tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-5)
+        wide.model.layers[0].self_attn.o_proj.weight[:, 40].fill_(0.5)  # and the added heads are live
+        assert not torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-3)

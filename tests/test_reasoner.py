@@ -89,7 +89,9 @@ def test_trained_reasoner_is_registered_and_serves_reason_queries(
     assert missing.status_code == 400 and missing.json()["error"]["message"] == MSG_NO_REASONER
     rationales = [["The Varo flows through the capital, Lanmark. The answer is Lanmark.", "The answer is Perrin."],
                   ["The guilds of Lanmark elect a speaker for tariffs. The answer is a speaker."]]
-    result = run(start_job(state, payload(document_id, rationales)))
+    ctx = start_job(state, payload(document_id, rationales))
+    result = run(ctx)
+    assert run(ctx) == result  # a retried attempt reports the version it registered, trains nothing
     assert (result["rationales_written"], result["rationales_kept"], result["steps"]) == (3, 2, 3)
     with state.sessions() as session:
         adapter = resolve_alias(session, REASONER_ALIAS)

@@ -108,8 +108,10 @@ def test_the_job_registers_a_reranker_that_the_rerank_stage_uses(
     document_id = indexed_document(state, tiny_model_dir, tmp_path)
     items = [{"document_id": document_id, "question": q, "answer": "x"} for q, _, _ in CASES]
     payload = {"items": items, "rationales": [r for _, r, _ in CASES], "steps": 4, "pool": 3}
-    result = run_reranker_job(start_job(state, "train_reranker", payload))
+    ctx = start_job(state, "train_reranker", payload)
+    result = run_reranker_job(ctx)
     assert result["kl_after"] < result["kl_before"] and result["examples"] == 3
+    assert run_reranker_job(ctx) == result  # a retried attempt reports the registered version, trains nothing
     with state.sessions() as session:
         adapter = resolve_alias(session, RERANKER_ALIAS)
         assert adapter.id == result["adapter_id"]

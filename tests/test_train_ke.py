@@ -305,8 +305,10 @@ def published(registry: Registry, tiny: tuple[Any, Any]) -> dict[str, Any]:
     """A train_ke job run to the end on QA read from the store."""
     blob = "\n".join(json.dumps(record) for record in qa_records(registry.docs)).encode()
     qa_uri = registry.store.put_blob(blob, ".jsonl").uri
-    result = run(start_job(registry, {"name": "reader", "qa_uri": qa_uri, "steps": 12, "rank": 4, "lr": 1e-2}))
+    ctx = start_job(registry, {"name": "reader", "qa_uri": qa_uri, "steps": 12, "rank": 4, "lr": 1e-2})
+    result = run(ctx)
     assert_clean(tiny[0])
+    assert run(ctx) == result  # a retried attempt reports the version it registered (the tests below see one)
     return result
 
 

@@ -35,7 +35,14 @@ from trainer_worker.context import JobContext, PermanentJobError
 from trainer_worker.km_data import DcdExample, ExampleDeck, KmData, chat_prefix, encode
 from trainer_worker.lora_training import adapter_tensors, peft_config_dict
 from trainer_worker.train_config import profile_config, resolve_profile
-from trainer_worker.train_km import MODEL_LOCK, base_model, served_model_name, train, verify_stored
+from trainer_worker.train_km import (
+    MODEL_LOCK,
+    base_model,
+    registered_earlier,
+    served_model_name,
+    train,
+    verify_stored,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -273,14 +280,17 @@ def run_abstractive(ctx: JobContext) -> dict[str, Any]:
 def run(ctx: JobContext, method: str | None = None) -> dict[str, Any]:
     """Handler of `train_compressor` jobs (payload `method`), and of the per-method kinds."""
     config = CompressorConfig.of(ctx.payload, method)
-    items = with_passages(ctx.settings, ctx.job.tenant, parse_items(ctx.payload, ctx.store), config.top_k)
-    ctx.report(0.0, f"labelling {len(items)} items for the {config.method} compressor")
-    if config.method == "extractive":
-        trained = train_extractive(ctx, config, items)
-    else:
-        trained = train_abstractive(ctx, config, items)
-    adapter_id, version = publish(ctx, config, trained)
-    remove_checkpoints(ctx.checkpoint_dir)
     lineage = EXTRACTIVE_LINEAGE if config.method == "extractive" else ABSTRACTIVE_LINEAGE
+    if (earlier := registered_earlier(ctx, lineage, ctx.job.tenant)) is not None:
+        adapter_id, version, metrics = earlier.adapter_id, earlier.version, earlier.metrics
+    else:
+        items = with_passages(ctx.settings, ctx.job.tenant, parse_items(ctx.payload, ctx.store), config.top_k)
+        ctx.report(0.0, f"labelling {len(items)} items for the {config.method} compressor")
+        if config.method == "extractive":
+            trained = train_extractive(ctx, config, items)
+        else:
+            trained = train_abstractive(ctx, config, items)
+        (adapter_id, version), metrics = publish(ctx, config, trained), trained.metrics
+        remove_checkpoints(ctx.checkpoint_dir)
     return {"adapter_id": adapter_id, "version": version, "alias": lineage, "method": config.method,
-            **{k: v for k, v in trained.metrics.items() if k != "loss_history"}}
+            **{k: v for k, v in metrics.items() if k != "loss_history"}}

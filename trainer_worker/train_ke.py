@@ -41,9 +41,11 @@ from trainer_worker.plots import loss_curve_png
 from trainer_worker.train_config import TrainConfig
 from trainer_worker.train_km import (
     MODEL_LOCK,
+    Registered,
     TrainOutcome,
     base_model,
     job_config,
+    registered_earlier,
     served_model_name,
     train_metrics,
     verify_stored,
@@ -356,7 +358,7 @@ def _registry_config(weights: Mapping[str, list[float]], kms: Sequence[KmRef], c
 
 
 def publish(ctx: JobContext, name: str, outcome: TrainOutcome, kms: Sequence[KmRef], config: TrainConfig,
-            profile: str, *, multiple_choice: bool, counts: Mapping[str, int]) -> tuple[int, int, dict[str, Any]]:
+            profile: str, *, multiple_choice: bool, counts: Mapping[str, int]) -> Registered:
     """Store and verify the best KE, register it as the next version of ke:<name> with its weights, move the alias."""
     lora, weights = split_weights(outcome.best_adapter)
     stored = ctx.store.put(outcome.peft_config, lora)
@@ -373,7 +375,17 @@ def publish(ctx: JobContext, name: str, outcome: TrainOutcome, kms: Sequence[KmR
         )
         adapter = register_adapter(session, data)
         set_alias(session, lineage, adapter.id, tenant=tenant)
-        return adapter.id, adapter.version, metrics
+        return Registered(adapter.id, adapter.version, metrics, dict(adapter.config))
+
+
+def _result(name: str, registered: Registered) -> dict[str, Any]:
+    """What a finished `train_ke` job reports."""
+    metrics, config = registered.metrics, registered.config
+    return {"adapter_id": registered.adapter_id, "version": registered.version, "alias": ke_lineage(name),
+            "steps": metrics["steps"], "best_dev_loss": metrics["best_dev_loss"],
+            "best_dev_accuracy": metrics["best_dev_accuracy"], "profile": config["profile"],
+            "documents": config["documents"], "layer_weights": config["layer_weights"],
+            "loss_curve_uri": metrics["loss_curve_uri"]}
 
 
 def _options(payload: Mapping[str, Any]) -> tuple[str, bool]:
@@ -389,6 +401,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     """Handler of `train_ke` jobs."""
     # Everything the payload decides is checked before the model loads: bad input fails at once.
     name, multiple_choice = _options(ctx.payload)
+    if (earlier := registered_earlier(ctx, ke_lineage(name), ctx.job.tenant)) is not None:
+        return _result(name, earlier)
     records = read_records(ctx, multiple_choice=multiple_choice)
     config, profile = job_config({**ctx.payload, "method": "lm"}, ctx.settings, resolve_device().type)
     kms = resolve_kms(ctx, [record.document_id for record in records])
@@ -399,10 +413,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.report(0.0, f"training knowledge extractor {name} ({profile} profile, {config.steps} steps, "
                     f"{len(kms)} documents)")
     outcome = train(ctx, tokenizer, data, dev_records, kms, config, model_id)
-    adapter_id, version, metrics = publish(ctx, name, outcome, kms, config, profile,
-                                           multiple_choice=multiple_choice, counts=counts)
+    registered = publish(ctx, name, outcome, kms, config, profile, multiple_choice=multiple_choice, counts=counts)
     remove_checkpoints(ctx.checkpoint_dir)
-    return {"adapter_id": adapter_id, "version": version, "alias": ke_lineage(name), "steps": metrics["steps"],
-            "best_dev_loss": metrics["best_dev_loss"], "best_dev_accuracy": metrics["best_dev_accuracy"],
-            "profile": profile, "documents": [ref.document_id for ref in kms],
-            "layer_weights": split_weights(outcome.best_adapter)[1], "loss_curve_uri": metrics["loss_curve_uri"]}
+    return _result(name, registered)

@@ -211,12 +211,29 @@ def publish(ctx: JobContext, document: Document, outcome: TrainOutcome, config: 
         return adapter.id, adapter.version, metrics
 
 
-def published_earlier(ctx: JobContext, document: Document) -> tuple[int, int, dict[str, Any]] | None:
-    """Id, version and metrics of the version this job registered on an earlier attempt (the worker died after
-    registering it and before the job was marked done), if any."""
+@dataclass(frozen=True)
+class Registered:
+    """A version a job registered, as its result is built from it."""
+
+    adapter_id: int
+    version: int
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+
+
+def registered_earlier(ctx: JobContext, lineage: str, tenant: str) -> Registered | None:
+    """The version of `lineage` this job registered on an earlier attempt, if any: the worker died after registering
+    it and before the job was marked done, so the retried job reports that version instead of training again (its
+    registration and alias move were one transaction, so both happened). Progress says so; checkpoints are removed."""
     with transaction(ctx.sessions) as session:
-        adapter = registered_by_job(session, km_lineage(document.id), ctx.job.id, tenant=document.tenant)
-        return None if adapter is None else (adapter.id, adapter.version, dict(adapter.metrics))
+        adapter = registered_by_job(session, lineage, ctx.job.id, tenant=tenant)
+        if adapter is None:
+            return None
+        earlier = Registered(adapter.id, adapter.version, dict(adapter.metrics), dict(adapter.config))
+    ctx.report(1.0, f"{lineage} version {earlier.version} was registered by this job's earlier attempt; "
+                    "not training again")
+    remove_checkpoints(ctx.checkpoint_dir)
+    return earlier
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -224,11 +241,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     document = load_document(ctx)
     # Options are checked before the model loads: a bad payload fails at once.
     config, profile = job_config(ctx.payload, ctx.settings, resolve_device().type)
-    if (earlier := published_earlier(ctx, document)) is not None:
-        adapter_id, version, metrics = earlier
-        ctx.report(1.0, f"version {version} was registered by this job's earlier attempt; not training again")
-        remove_checkpoints(ctx.checkpoint_dir)
-        return job_result(adapter_id, version, document, metrics, config.method, profile)
+    if (earlier := registered_earlier(ctx, km_lineage(document.id), document.tenant)) is not None:
+        return job_result(earlier.adapter_id, earlier.version, document, earlier.metrics, config.method, profile)
     model_id = resolve_base_model(ctx.settings)
     base, tokenizer = base_model(model_id)
     data = build_data(ctx.store, document, tokenizer, config, ctx.payload.get("synthetic_key"))

@@ -27,7 +27,15 @@ from trainer_worker.context import JobContext, PermanentJobError
 from trainer_worker.km_data import DcdExample, ExampleDeck, KmData, chat_prefix, encode
 from trainer_worker.rationales import Rationale, job_rationales, keep_correct, load_items
 from trainer_worker.train_config import TrainConfig
-from trainer_worker.train_km import TrainOutcome, base_model, job_config, served_model_name, train, verify_stored
+from trainer_worker.train_km import (
+    TrainOutcome,
+    base_model,
+    job_config,
+    registered_earlier,
+    served_model_name,
+    train,
+    verify_stored,
+)
 
 MSG_NONE_KEPT = "no rationale leads to the gold answer ({total} written for {items} questions); nothing to train " \
                 "the reasoner on. Give better rationales ('rationales') or more rationales per question."
@@ -100,6 +108,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
     """Handler of `train_reasoner` jobs."""
     config, profile = job_config({**ctx.payload, "method": "lm"}, ctx.settings, resolve_device().type)
     name = str(ctx.payload.get("name", "default"))
+    if (earlier := registered_earlier(ctx, f"reasoner:{name}", ctx.job.tenant)) is not None:
+        return {"adapter_id": earlier.adapter_id, "version": earlier.version, "alias": REASONER_ALIAS,
+                **earlier.metrics}
     kept, written = kept_rationales(ctx)
     passages = retrieve_all(ctx, kept, int(ctx.payload.get("top_k", 3)))
     model_id = resolve_base_model(ctx.settings)

@@ -23,7 +23,7 @@ from registry.vector_index import VectorIndex
 from trainer_worker.context import JobContext, PermanentJobError
 from trainer_worker.lora_training import adapter_tensors, peft_config_dict
 from trainer_worker.rationales import Rationale, job_rationales, load_items
-from trainer_worker.train_km import verify_stored
+from trainer_worker.train_km import registered_earlier, verify_stored
 
 if TYPE_CHECKING:
     import torch
@@ -195,6 +195,9 @@ def publish(ctx: JobContext, model: Any, config: RerankerConfig, metrics: dict[s
 def run(ctx: JobContext) -> dict[str, Any]:
     """Handler of `train_reranker` jobs."""
     config = RerankerConfig.of(ctx.payload)
+    if (earlier := registered_earlier(ctx, f"reranker:{config.name}", ctx.job.tenant)) is not None:
+        return {"adapter_id": earlier.adapter_id, "version": earlier.version, "alias": RERANKER_ALIAS,
+                **earlier.metrics}
     examples = build_examples(ctx, config)
     ctx.report(0.0, f"training the reranker on {len(examples)} questions ({config.steps} steps)")
     base, tokenizer = load_minilm()

@@ -54,6 +54,7 @@ class Recipe:
     hidden_size: int = 256
     layers: int = 4
     heads: int = 8
+    head_dim: int = 32
     intermediate_size: int = 512
     max_positions: int = 2048
     lr: float = 1e-3
@@ -158,6 +159,7 @@ def build_model(recipe: Recipe, tokenizer: Any) -> Any:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        head_dim=recipe.head_dim,
         max_position_embeddings=recipe.max_positions, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
@@ -195,6 +197,32 @@ def grown(state: dict[str, Any], layers: int) -> dict[str, Any]:
             if origin == int(m.group(1)):
                 zero = n in added and m.group(2) in RESIDUAL_OUTPUTS
                 out[f"model.layers.{n}.{m.group(2)}"] = value.clone().zero_() if zero else value.clone()
+    return out
+
+
+HEAD_INPUTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+def with_heads(state: dict[str, Any], heads: int, head_dim: int, seed: int = 0, noise: float = 0.01) -> dict[str, Any]:
+    """An earlier phase's weights given `heads` attention heads per layer without changing what the model computes.
+
+    Added heads start as copies of the old heads in turn (queries, keys and values, plus a little noise so that a
+    copy can part ways with its original) and write nothing: their columns of the output projection are zero, so
+    the residual stream is unchanged until training moves them. The residual width stays as it was.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key, value in state.items():
+        if (m := LAYER.match(key)) is None:
+            continue
+        if m.group(2) in HEAD_INPUTS and (old := value.shape[0] // head_dim) < heads:
+            copies = value.view(old, head_dim, -1)[[h % old for h in range(old, heads)]].reshape(-1, value.shape[1])
+            jitter = torch.randn(copies.shape, generator=generator, dtype=value.dtype) * noise
+            out[key] = torch.cat([value, copies + jitter])
+        elif m.group(2) == "self_attn.o_proj.weight" and (old := value.shape[1] // head_dim) < heads:
+            out[key] = torch.cat([value, value.new_zeros(value.shape[0], (heads - old) * head_dim)], dim=1)
     return out
 
 
@@ -327,7 +355,8 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     if init_from is not None:  # a continued run: the earlier phase's weights (its recipe is recorded with them)
         from safetensors.torch import load_file
 
-        model.load_state_dict(grown(load_file(init_from / "model.safetensors"), recipe.layers), strict=False)
+        earlier = grown(load_file(init_from / "model.safetensors"), recipe.layers)
+        model.load_state_dict(with_heads(earlier, recipe.heads, recipe.head_dim, recipe.seed), strict=False)
         model.tie_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                                   betas=(0.9, 0.98))
@@ -450,6 +479,8 @@ def main() -> None:
                         help="Share of documents whose names are drawn from a few syllables (look-alike names).")
     parser.add_argument("--layers", type=int, default=Recipe.layers,
                         help="Decoder layers; more than --init-from's adds layers that start as identities.")
+    parser.add_argument("--heads", type=int, default=Recipe.heads,
+                        help="Attention heads per layer; more than --init-from's adds heads that start silent.")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -465,7 +496,8 @@ def main() -> None:
                     induction_batch=args.induction_batch, tokenizer=args.tokenizer,
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
-                    value_first=args.value_first, layers=args.layers, confusable=args.confusable)
+                    value_first=args.value_first, layers=args.layers, confusable=args.confusable,
+                    heads=args.heads)
     train(recipe, args.out, init_from=args.init_from)
 
 
