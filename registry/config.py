@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     )
     qdrant_url: str | None = Field(None, description="Qdrant server URL; unset = embedded local folder.")
     qdrant_api_key: SecretStr | None = Field(None, description="API key for the Qdrant server.")
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token `/metrics` requires (Prometheus `authorization` credentials); unset = open."
+    )
     embedding_model: str | None = Field(
         None, description="Local sentence-transformers directory for retrieval; unset = the bundled all-MiniLM-L6-v2."
     )

@@ -31,8 +31,8 @@ class UnauthorizedError(RegistryError):
     code = "unauthorized"
     status = 401
 
-    def __init__(self) -> None:
-        super().__init__(MSG_NO_KEY)
+    def __init__(self, message: str = MSG_NO_KEY) -> None:
+        super().__init__(message)
 
 
 class ForbiddenError(RegistryError):

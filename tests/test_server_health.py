@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from registry.config import Settings
 from registry.db import head_revision
@@ -46,6 +47,20 @@ def test_metrics_is_prometheus_text(client: TestClient) -> None:
     client.get("/healthz")
     text = client.get("/metrics").text
     assert 'kmserve_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
+
+
+def test_metrics_behind_a_token_refuse_callers_without_it(settings: Settings) -> None:
+    guarded = settings.model_copy(update={"metrics_token": SecretStr("scrape-me")})
+    with TestClient(create_app(guarded)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic scrape-me"},
+                        {"Authorization": "Bearer scrape-mee"}):
+            response = client.get("/metrics", headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert "KMSERVE_METRICS_TOKEN" in response.json()["error"]["message"]
+        response = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert response.status_code == 200 and "kmserve_http_requests_total" in response.text
+        assert client.get("/healthz").status_code == 200  # only /metrics is guarded
 
 
 def test_unknown_route_is_json_error(client: TestClient) -> None:
