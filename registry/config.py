@@ -49,6 +49,21 @@ class Settings(BaseSettings):
     max_adapter_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted by adapter uploads.")
     max_request_tokens: int = Field(2048, ge=1, description="Largest max_tokens a query may ask for.")
     engine: EngineName = Field("auto", description="Generation engine: auto (vllm when CUDA and vllm exist), hf, vllm.")
+    engine_max_loaded_adapters: int = Field(
+        8, ge=1, description="Adapters the engine keeps loaded, least recently used evicted beyond (on vLLM its CPU "
+                             "LoRA cache); a working set larger than this reloads adapters from the store."
+    )
+    engine_max_batch_size: int = Field(16, ge=1, description="Requests the engine generates for in one batch.")
+    vllm_max_loras: int = Field(
+        8, ge=1, description="Distinct adapters one vLLM batch may use (GPU LoRA slots; each costs GPU memory)."
+    )
+    vllm_max_lora_rank: int = Field(32, ge=1, description="Largest LoRA rank vLLM reserves slots for.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of GPU memory vLLM takes for weights, LoRA slots and KV cache."
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=1, description="vLLM's context length; unset = the model's own."
+    )
     auth: Literal["on", "off"] = Field("on", description="API-key authentication; `off` only for local tinkering.")
     train_profile: TrainProfile = Field(
         "auto", description="paper (the paper's generation counts and steps) or fast (CPU/CI); auto picks by device."

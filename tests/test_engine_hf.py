@@ -20,7 +20,7 @@ from engines.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
 )
-from engines.factory import create_engine
+from engines.factory import create_engine, vllm_config_of
 from engines.hf import HFEngine
 from engines.tiny_model import build_tiny_model, ensure_default_model, weights_digest
 from registry.config import Settings
@@ -201,3 +201,15 @@ def test_engine_follows_a_new_event_loop_when_idle(model_dir: Path, loras: list[
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EngineUnavailableError, match="cannot load model"):
         HFEngine.from_pretrained(str(tmp_path / "no-model"), EngineConfig(device="cpu"))
+
+
+def test_engine_tunables_come_from_the_settings(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KMSERVE_ENGINE_MAX_LOADED_ADAPTERS", "3")
+    monkeypatch.setenv("KMSERVE_VLLM_MAX_LORAS", "12")
+    settings = Settings(engine="hf", base_model=str(model_dir), engine_max_batch_size=4, vllm_max_model_len=512)
+    engine = create_engine(settings)
+    assert isinstance(engine, HFEngine)
+    assert (engine.config.max_loaded_adapters, engine.config.max_batch_size) == (3, 4)
+    vllm = vllm_config_of(settings)  # what a GPU process would hand vLLM
+    assert (vllm.max_loras, vllm.max_model_len, vllm.max_lora_rank, vllm.gpu_memory_utilization) == (12, 512, 32, 0.85)
+    asyncio.run(engine.close())
