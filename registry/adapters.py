@@ -101,9 +101,9 @@ def _new_version(session: Session, data: AdapterCreate) -> Adapter:
 
 def registered_by_job(session: Session, lineage: str, job_id: int, *, tenant: str = DEFAULT_TENANT) -> Adapter | None:
     """The version of a lineage that job `job_id` registered (recorded as `config["job_id"]`), if any."""
-    stmt = select(Adapter).where(Adapter.tenant == tenant, Adapter.lineage == lineage)
-    return next((a for a in session.scalars(stmt.order_by(Adapter.version.desc()))
-                 if a.config.get("job_id") == job_id), None)
+    stmt = select(Adapter).where(Adapter.tenant == tenant, Adapter.lineage == lineage,
+                                 Adapter.config["job_id"].as_integer() == job_id)
+    return session.scalars(stmt.order_by(Adapter.version.desc()).limit(1)).one_or_none()
 
 
 def latest_version(session: Session, lineage: str, *, tenant: str = DEFAULT_TENANT) -> int:
