@@ -17,7 +17,8 @@ from registry.errors import InvalidAdapterError, RegistryError
 Shapes = Mapping[str, tuple[int, int]]
 
 MSG_RANK_TOO_LARGE = (
-    "adapter rank {rank} exceeds this server's limit of {limit} (KMSERVE_MAX_ADAPTER_RANK); retrain with r <= {limit}."
+    "adapter rank {rank} exceeds this server's limit of {limit} (KMSERVE_MAX_ADAPTER_RANK, and on vLLM "
+    "KMSERVE_VLLM_MAX_LORA_RANK); retrain with r <= {limit}."
 )
 MSG_MODULE_MISSING = (
     "module {module!r} does not exist as a linear layer in the base model {model}; the adapter was trained for "

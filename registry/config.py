@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     vllm_max_loras: int = Field(
         8, ge=1, description="Distinct adapters one vLLM batch may use (GPU LoRA slots; each costs GPU memory)."
     )
-    vllm_max_lora_rank: int = Field(32, ge=1, description="Largest LoRA rank vLLM reserves slots for.")
+    vllm_max_lora_rank: int = Field(32, ge=1, description="Largest LoRA rank vLLM reserves slots for; on vLLM, adapter "
+                                                             "uploads and training ranks above it are refused.")
     vllm_gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Share of GPU memory vLLM takes for weights, LoRA slots and KV cache."
     )

@@ -56,6 +56,15 @@ class AppState:
         """The id clients name the base model by (`model` in the OpenAI routes)."""
         return self.settings.model_name or self.settings.base_model or default_model_id()
 
+    @property
+    def max_adapter_rank(self) -> int:
+        """The largest LoRA rank this server accepts: KMSERVE_MAX_ADAPTER_RANK, and on vLLM no more than the rank
+        its LoRA slots are reserved for (KMSERVE_VLLM_MAX_LORA_RANK), so an accepted adapter can be served."""
+        from engines.base import select_engine
+
+        limit = self.settings.max_adapter_rank
+        return min(limit, self.settings.vllm_max_lora_rank) if select_engine(self.settings) == "vllm" else limit
+
     def require_generator(self) -> Engine:
         """The generation engine; EngineUnavailableError while it is not started."""
         if self.generator is None:

@@ -212,6 +212,13 @@ def test_rank_above_limit_is_422(client: TestClient, admin: dict[str, str], lora
     _assert_nothing_written(client, admin)
 
 
+def test_on_vllm_the_rank_limit_is_also_the_rank_its_lora_slots_hold(settings: Settings) -> None:
+    assert AppState.start(settings).max_adapter_rank == MAX_RANK
+    vllm = settings.model_copy(update={"engine": "vllm", "max_adapter_rank": 64, "vllm_max_lora_rank": 16})
+    assert AppState.start(vllm).max_adapter_rank == 16  # a rank-32 upload would load into no slot
+    assert AppState.start(vllm.model_copy(update={"vllm_max_lora_rank": 128})).max_adapter_rank == 64
+
+
 def test_adapter_of_another_model_is_422_naming_the_module(
     client: TestClient, admin: dict[str, str], loras: dict[str, Path]
 ) -> None:

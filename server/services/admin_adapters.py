@@ -145,7 +145,7 @@ class AdminAdapterService:
     def _check_fits(self, info: AdapterInfo) -> None:
         settings = self._state.settings
         shapes = base_module_shapes(resolve_base_model(settings))
-        check_adapter_fits(info, shapes, model=self._state.base_model_id, max_rank=settings.max_adapter_rank)
+        check_adapter_fits(info, shapes, model=self._state.base_model_id, max_rank=self._state.max_adapter_rank)
 
     def _register(self, tenant: str, target: UploadTarget, stored: StoredAdapter) -> AdapterPublic:
         with write_transaction(self._state.sessions) as session:

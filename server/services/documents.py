@@ -62,7 +62,7 @@ class DocumentService:
     def create(self, upload: DocumentUpload, tenant: str) -> DocumentUploadPublic:
         """Store the upload and queue its jobs; the same content again returns the existing document."""
         checked = check_document(upload, self.max_upload_bytes)
-        check_train(upload.train, self._state.settings.max_adapter_rank)
+        check_train(upload.train, self._state.max_adapter_rank)
         adding = training_jobs(CHAINS[upload.train.method])
         # A refusal comes before the blob is written; the writing transaction checks again, and decides.
         with transaction(self._state.sessions) as session:
@@ -87,7 +87,7 @@ class DocumentService:
         trained and verified; unfinished jobs of the old revision are cancelled first.
         """
         checked = check_document(upload, self.max_upload_bytes)
-        check_train(upload.train, self._state.settings.max_adapter_rank)
+        check_train(upload.train, self._state.max_adapter_rank)
         blob = self._state.store.put_blob(checked.data, checked.suffix)
         with transaction(self._state.sessions) as session:
             current = document_repo.get_document(session, document_id, tenant=tenant)
