@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import importlib.util
 import math
 import uuid
@@ -348,8 +349,10 @@ class Engine(abc.ABC):
         await self.close()
 
 
+@functools.cache
 def vllm_usable() -> bool:
-    """True when a CUDA device and the vllm package are both present."""
+    """True when a CUDA device and the vllm package are both present (looked up once per process: upload checks ask
+    on every request, and neither changes while the process runs)."""
     if importlib.util.find_spec("vllm") is None:
         return False
     import torch

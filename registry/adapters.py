@@ -103,7 +103,7 @@ def registered_by_job(session: Session, lineage: str, job_id: int, *, tenant: st
     """The version of a lineage that job `job_id` registered (recorded as `config["job_id"]`), if any."""
     stmt = select(Adapter).where(Adapter.tenant == tenant, Adapter.lineage == lineage,
                                  Adapter.config["job_id"].as_integer() == job_id)
-    return session.scalars(stmt.order_by(Adapter.version.desc()).limit(1)).one_or_none()
+    return session.scalars(stmt.order_by(Adapter.version.desc())).first()
 
 
 def latest_version(session: Session, lineage: str, *, tenant: str = DEFAULT_TENANT) -> int:
