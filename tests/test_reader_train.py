@@ -88,6 +88,17 @@ def test_a_short_run_saves_loadable_weights_with_recipe_and_hash(tmp_path: Path)
         saved["weights_sha256"]
 
 
+def test_a_data_seed_gives_fresh_documents_under_the_same_tokenizer(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    def first_documents(recipe: train.Recipe) -> list[str]:
+        _, gen = train.training_stream(recipe)
+        return [gen.document("train", 6).text for _ in range(3)]
+
+    assert first_documents(SMALL) == first_documents(replace(SMALL, data_seed=SMALL.seed))
+    fresh = train.Recipe(tokenizer="words", data_seed=50_000)
+    assert not set(first_documents(fresh)) & set(first_documents(SMALL))
+    assert train.build_tokenizer(fresh).get_vocab() == word_tokenizer.get_vocab()
+
+
 def test_induction_can_draw_from_document_tokens_and_stop_once_formed(tmp_path: Path) -> None:
     recipe = replace(SMALL, induction_steps=40, induction_stop=100.0, steps=1)
     tok = train.build_tokenizer(recipe)

@@ -80,6 +80,7 @@ class Recipe:
     induction_stop: float = 0.5
     value_first: float = 0.0
     confusable: float = 0.0
+    data_seed: int | None = None  # the training stream's seed when not `seed` (a continued run's fresh documents)
 
 
 _SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
@@ -345,6 +346,13 @@ def lr_at(step: int, total: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - tail) / max(1, total - tail))))
 
 
+def training_stream(recipe: Recipe) -> tuple[random.Random, FactGenerator]:
+    """The batch-choice generator and the document generator of a run: drawn from `data_seed` when set, else from
+    `seed` (which alone fixes the tokenizer and the initial weights)."""
+    stream = recipe.seed if recipe.data_seed is None else recipe.data_seed
+    return random.Random(stream + 1), FactGenerator(stream + 2)
+
+
 def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None = None) -> dict[str, Any]:
     """Run the whole recipe (from `init_from`'s weights when given); save into `out`; return the training log."""
     import torch
@@ -360,8 +368,7 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
         model.tie_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                                   betas=(0.9, 0.98))
-    rng = random.Random(recipe.seed + 1)
-    gen = FactGenerator(recipe.seed + 2)
+    rng, gen = training_stream(recipe)
     pool = induction_pool(recipe, tokenizer)
     log: dict[str, Any] = {"induction": [], "skills": [], "promotions": []}
     if init_from is not None and (init_from / "RECIPE.json").exists():
@@ -458,6 +465,9 @@ def main() -> None:
     parser.add_argument("--induction-steps", type=int, default=Recipe.induction_steps)
     parser.add_argument("--threads", type=int, default=Recipe.threads)
     parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="Seed of the training documents when not --seed (the tokenizer stays --seed's): a "
+                             "continued run then reads documents the earlier phase never saw.")
     parser.add_argument("--init-from", type=Path, default=None, help="Continue from these weights.")
     parser.add_argument("--start-facts", type=int, default=Recipe.start_facts)
     parser.add_argument("--max-facts", type=int, default=Recipe.max_facts)
@@ -497,7 +507,7 @@ def main() -> None:
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
                     value_first=args.value_first, layers=args.layers, confusable=args.confusable,
-                    heads=args.heads)
+                    heads=args.heads, data_seed=args.data_seed)
     train(recipe, args.out, init_from=args.init_from)
 
 
