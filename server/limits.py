@@ -15,12 +15,14 @@ import asyncio
 import enum
 import hashlib
 import math
+import statistics
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from fastapi import FastAPI
@@ -31,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from registry.config import Settings
 from registry.errors import RegistryError
-from registry.models import Job, JobStatus
+from registry.models import Job, JobStatus, utcnow
 from server.auth import presented_key
 from server.errors import RetryLaterError, error_response
 from server.shutdown import Drain, ShuttingDownError
@@ -48,8 +50,14 @@ MSG_REQUEST_TIMEOUT = (
     "the request ran past this server's deadline of {seconds:g} s (KMSERVE_REQUEST_TIMEOUT_SECONDS) and its "
     "generation was stopped; ask for fewer tokens or retry."
 )
-# Training queues work for minutes; a client told to come back sooner would only be refused again.
+# A job-quota refusal's Retry-After is when the tenant's first active training job should end: from a running job's
+# progress and elapsed time, else the median of its recent training jobs' run times, else this fallback. Bounded:
+# sooner than the floor would only be refused again; later than the ceiling is a guess worth re-checking.
 JOB_QUOTA_RETRY_AFTER_SECONDS = 30
+JOB_QUOTA_RETRY_AFTER_BOUNDS = (5, 900)
+# Progress below this says too little about the remaining time; finished jobs looked at for the median run time.
+MIN_PROGRESS_FOR_ESTIMATE = 0.05
+RECENT_JOBS_FOR_ESTIMATE = 20
 # Buckets kept at most (least recently used dropped first): a bound on memory whatever keys callers invent.
 MAX_BUCKETS = 10_000
 TRAINING_KIND_PREFIX = "train_"
@@ -103,9 +111,10 @@ class JobQuotaExceededError(RetryLaterError):
     code = "job_quota_exceeded"
     status = 429
 
-    def __init__(self, tenant: str, active: int, limit: int) -> None:
+    def __init__(self, tenant: str, active: int, limit: int,
+                 retry_after: int = JOB_QUOTA_RETRY_AFTER_SECONDS) -> None:
         message = MSG_JOB_QUOTA.format(tenant=tenant, active=active, limit=limit)
-        super().__init__(message, retry_after=JOB_QUOTA_RETRY_AFTER_SECONDS, limit=limit)
+        super().__init__(message, retry_after=retry_after, limit=limit)
 
 
 class RequestTimeoutError(RegistryError):
@@ -255,7 +264,7 @@ class JobQuota:
         _lock_tenant(session, tenant)
         active = active_training_jobs(session, tenant) - freed
         if active + adding > self.limit:
-            raise JobQuotaExceededError(tenant, active, self.limit)
+            raise JobQuotaExceededError(tenant, active, self.limit, quota_retry_after(session, tenant))
 
     def requeue_guard(self, tenant: str) -> Callable[[Session, Sequence[Job]], None]:
         """A check for `JobQueue.retry`: run after it requeued jobs, before it commits."""
@@ -268,7 +277,7 @@ class JobQuota:
             session.flush()
             active = active_training_jobs(session, tenant)
             if active > self.limit:
-                raise JobQuotaExceededError(tenant, active - adding, self.limit)
+                raise JobQuotaExceededError(tenant, active - adding, self.limit, quota_retry_after(session, tenant))
 
         return guard
 
@@ -280,6 +289,28 @@ def active_training_jobs(session: Session, tenant: str) -> int:
         Job.kind.startswith(TRAINING_KIND_PREFIX, autoescape=True), Job.cancel_requested.is_(False),
     )
     return int(session.scalar(stmt) or 0)
+
+
+def quota_retry_after(session: Session, tenant: str, now: datetime | None = None) -> int:
+    """Seconds until the tenant's first active training job should end (see JOB_QUOTA_RETRY_AFTER_BOUNDS)."""
+    now = now or utcnow()
+    training = (Job.tenant == tenant, Job.kind.startswith(TRAINING_KIND_PREFIX, autoescape=True))
+    running = session.execute(select(Job.started_at, Job.progress).where(
+        *training, Job.status == JobStatus.RUNNING, Job.started_at.is_not(None))).all()
+    remaining = [(now - started).total_seconds() * (1 - progress) / progress for started, progress in running
+                 if started is not None and progress >= MIN_PROGRESS_FOR_ESTIMATE]
+    if not remaining:
+        finished = session.execute(select(Job.started_at, Job.finished_at).where(
+            *training, Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None), Job.finished_at.is_not(None),
+        ).order_by(Job.finished_at.desc()).limit(RECENT_JOBS_FOR_ESTIMATE)).all()
+        run_times = [(end - start).total_seconds() for start, end in finished if start is not None and end is not None]
+        elapsed = [(now - started).total_seconds() for started, _ in running if started is not None]
+        if run_times:  # the longest-running job is the likeliest to end first
+            remaining = [statistics.median(run_times) - max(elapsed, default=0.0)]
+    if not remaining:
+        return JOB_QUOTA_RETRY_AFTER_SECONDS
+    low, high = JOB_QUOTA_RETRY_AFTER_BOUNDS
+    return int(min(high, max(low, math.ceil(min(remaining)))))
 
 
 def _lock_tenant(session: Session, tenant: str) -> None:

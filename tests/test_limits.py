@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
 from engines.base import ChatMessage, GenerationRequest
 from engines.errors import MSG_CONTEXT_LENGTH
@@ -24,8 +26,10 @@ from engines.hf_loading import encode_request
 from engines.prompts import reader_prompt
 from registry.config import Settings
 from registry.errors import NotFoundError
+from registry.models import Job, JobStatus
 from server.app import create_app
 from server.limits import (
+    JOB_QUOTA_RETRY_AFTER_BOUNDS,
     JOB_QUOTA_RETRY_AFTER_SECONDS,
     MSG_JOB_QUOTA,
     MSG_RATE_LIMITED,
@@ -34,6 +38,7 @@ from server.limits import (
     RateLimitedError,
     RateLimiter,
     RouteKind,
+    quota_retry_after,
     route_kind,
 )
 from server.services.generation import MSG_PROMPT_TOO_LONG
@@ -136,6 +141,36 @@ def _quota_refusal(response: httpx.Response, active: int, limit: int) -> None:
     assert response.headers["retry-after"] == str(JOB_QUOTA_RETRY_AFTER_SECONDS)
     assert response.json()["error"] == {"code": "job_quota_exceeded", "message": MSG_JOB_QUOTA.format(
         tenant="default", active=active, limit=limit)}
+
+
+def test_job_quota_retry_after_is_when_the_first_active_training_job_should_end(session: Session) -> None:
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def job(status: JobStatus, kind: str = "train_km", tenant: str = "t", started: float | None = None,
+            finished: float | None = None, progress: float = 0.0) -> None:
+        at = {name: now - timedelta(seconds=ago) for name, ago in (("started_at", started), ("finished_at", finished))
+              if ago is not None}
+        session.add(Job(tenant=tenant, kind=kind, status=status, progress=progress, **at))
+        session.flush()
+
+    assert quota_retry_after(session, "t", now) == JOB_QUOTA_RETRY_AFTER_SECONDS  # nothing to go by
+    job(JobStatus.SUCCEEDED, started=1000, finished=900)  # ran 100 s
+    job(JobStatus.SUCCEEDED, started=800, finished=500)  # ran 300 s
+    job(JobStatus.SUCCEEDED, started=400, finished=200)  # ran 200 s: median 200 s
+    job(JobStatus.SUCCEEDED, kind="reindex", started=5000, finished=0)  # not training: ignored
+    job(JobStatus.SUCCEEDED, tenant="other", started=9000, finished=0)  # another tenant's: ignored
+    job(JobStatus.QUEUED)
+    assert quota_retry_after(session, "t", now) == 200  # nothing running yet: one median run time
+    job(JobStatus.RUNNING, started=50, progress=0.01)  # too little progress to extrapolate
+    assert quota_retry_after(session, "t", now) == 150  # the median less its 50 s so far
+    job(JobStatus.RUNNING, started=60, progress=0.4)  # 60 s for 40%: 90 s to go
+    job(JobStatus.RUNNING, started=30, progress=0.2)  # 30 s for 20%: 120 s to go
+    assert quota_retry_after(session, "t", now) == 90
+    job(JobStatus.RUNNING, started=999, progress=0.999)
+    assert quota_retry_after(session, "t", now) == JOB_QUOTA_RETRY_AFTER_BOUNDS[0]
+    job(JobStatus.RUNNING, tenant="slow", started=10, progress=0.001)
+    job(JobStatus.SUCCEEDED, tenant="slow", started=99_000, finished=0)
+    assert quota_retry_after(session, "slow", now) == JOB_QUOTA_RETRY_AFTER_BOUNDS[1]
 
 
 @pytest.mark.parametrize("fresh_db_url", DB_PARAMS, indirect=True)
