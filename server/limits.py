@@ -111,8 +111,7 @@ class JobQuotaExceededError(RetryLaterError):
     code = "job_quota_exceeded"
     status = 429
 
-    def __init__(self, tenant: str, active: int, limit: int,
-                 retry_after: int = JOB_QUOTA_RETRY_AFTER_SECONDS) -> None:
+    def __init__(self, tenant: str, active: int, limit: int, retry_after: int) -> None:
         message = MSG_JOB_QUOTA.format(tenant=tenant, active=active, limit=limit)
         super().__init__(message, retry_after=retry_after, limit=limit)
 
