@@ -99,6 +99,15 @@ def test_a_data_seed_gives_fresh_documents_under_the_same_tokenizer(word_tokeniz
     assert train.build_tokenizer(fresh).get_vocab() == word_tokenizer.get_vocab()
 
 
+def test_a_continued_run_keeps_the_earlier_phase_tokenizer(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    tokenizer.save_pretrained(tmp_path)  # an earlier phase's tokenizer, unlike the one the recipe would build now
+    assert train.phase_tokenizer(SMALL, tmp_path).get_vocab() == tokenizer.get_vocab()
+    built = train.build_tokenizer(SMALL).get_vocab()
+    assert built != tokenizer.get_vocab()
+    assert train.phase_tokenizer(SMALL, None).get_vocab() == built
+    assert train.phase_tokenizer(SMALL, tmp_path / "weights-only").get_vocab() == built
+
+
 def test_induction_can_draw_from_document_tokens_and_stop_once_formed(tmp_path: Path) -> None:
     recipe = replace(SMALL, induction_steps=40, induction_stop=100.0, steps=1)
     tok = train.build_tokenizer(recipe)

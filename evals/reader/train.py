@@ -17,7 +17,7 @@ Recipe (seeded, reproducible on one machine; numbers, the exact command and any 
    a share of documents the same attributes for every entity, where only matching the entity answers, and
    `--confusable` a share whose names are drawn from a few syllables (look-alikes: only the whole name matches).
    Accuracy is teacher-forced exact match of every answer token on fresh documents (never seen before). Phases
-   chain with `--init-from`.
+   chain with `--init-from` (a continued phase keeps the earlier phase's tokenizer).
 4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
 """
 
@@ -150,6 +150,16 @@ def build_tokenizer(recipe: Recipe) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=formats.BOS, eos_token=formats.EOS,
                                    pad_token=PAD, chat_template=CHAT_TEMPLATE, padding_side="left",
                                    model_max_length=recipe.max_positions)
+
+
+def phase_tokenizer(recipe: Recipe, init_from: Path | None) -> Any:
+    """A continued run's tokenizer is the earlier phase's, as saved with its weights (the ids those weights were
+    trained on, whatever the corpus has become since); a first phase builds one from the recipe."""
+    if init_from is not None and (init_from / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(init_from)
+    return build_tokenizer(recipe)
 
 
 def build_model(recipe: Recipe, tokenizer: Any) -> Any:
@@ -348,7 +358,7 @@ def lr_at(step: int, total: int, base: float) -> float:
 
 def training_stream(recipe: Recipe) -> tuple[random.Random, FactGenerator]:
     """The batch-choice generator and the document generator of a run: drawn from `data_seed` when set, else from
-    `seed` (which alone fixes the tokenizer and the initial weights)."""
+    `seed` (which fixes a first phase's tokenizer and initial weights)."""
     stream = recipe.seed if recipe.data_seed is None else recipe.data_seed
     return random.Random(stream + 1), FactGenerator(stream + 2)
 
@@ -358,7 +368,7 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     import torch
 
     torch.set_num_threads(recipe.threads)
-    tokenizer = build_tokenizer(recipe)
+    tokenizer = phase_tokenizer(recipe, init_from)
     model = build_model(recipe, tokenizer)
     if init_from is not None:  # a continued run: the earlier phase's weights (its recipe is recorded with them)
         from safetensors.torch import load_file
@@ -466,8 +476,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=Recipe.threads)
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--data-seed", type=int, default=None,
-                        help="Seed of the training documents when not --seed (the tokenizer stays --seed's): a "
-                             "continued run then reads documents the earlier phase never saw.")
+                        help="Seed of the training documents when not --seed (the tokenizer stays the earlier "
+                             "phase's): a continued run then reads documents the earlier phase never saw.")
     parser.add_argument("--init-from", type=Path, default=None, help="Continue from these weights.")
     parser.add_argument("--start-facts", type=int, default=Recipe.start_facts)
     parser.add_argument("--max-facts", type=int, default=Recipe.max_facts)
