@@ -34,10 +34,36 @@ class DatabaseUnavailableError(RegistryError):
         super().__init__(MSG_DB_UNAVAILABLE)
 
 
+# The DB-API (PEP 249) names of a driver's own connection errors, whatever module defines them.
+DRIVER_CONNECTION_ERRORS = frozenset({"OperationalError", "InterfaceError"})
+
+
 def database_unavailable(exc: BaseException) -> DatabaseUnavailableError | None:
-    """The 503 error for a lost or refused database connection; None for any other database error (a bug)."""
-    invalidated = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    return DatabaseUnavailableError() if invalidated or isinstance(exc, CONNECTION_ERRORS) else None
+    """The 503 error for a lost or refused database connection; None for any other database error (a bug).
+
+    The whole chain counts: a connection that dies under the pool's pre-ping can surface as another error raised
+    while cleaning up after the lost one (psycopg: "can't change 'autocommit' now" after "connection socket closed").
+    """
+    return DatabaseUnavailableError() if any(_connection_lost(e) for e in _chain(exc)) else None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, CONNECTION_ERRORS) or any(k.__name__ in DRIVER_CONNECTION_ERRORS for k in type(exc).__mro__)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """An exception, the driver error it wraps, and what caused it or was being handled when it was raised."""
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or any(current is e for e in seen):
+            continue
+        seen.append(current)
+        pending.extend((getattr(current, "orig", None), current.__cause__, current.__context__))
+    return seen
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import NullPool
 
 from bench.faults import run_worker_drill
@@ -113,6 +113,21 @@ def test_only_connection_errors_become_database_unavailable() -> None:
     lost = OperationalError("SELECT 1", {}, Exception("terminating connection due to administrator command"))
     assert isinstance(database_unavailable(lost), DatabaseUnavailableError)
     assert database_unavailable(IntegrityError("INSERT", {}, Exception("duplicate key"))) is None  # a bug: 500
+
+
+def test_a_connection_lost_under_pre_ping_is_database_unavailable_whatever_error_the_cleanup_raised() -> None:
+    import psycopg
+
+    autocommit = "can't change 'autocommit' now: connection in transaction status ACTIVE"
+    try:  # the pre-ping finds the connection dead, then the dialect's cleanup fails on it
+        try:
+            raise psycopg.OperationalError("connection socket closed")
+        except psycopg.OperationalError:
+            raise psycopg.ProgrammingError(autocommit)  # noqa: B904 (implicitly chained, as the dialect raises it)
+    except psycopg.ProgrammingError as raised:
+        after_loss = ProgrammingError("SELECT 1", {}, raised)
+    assert isinstance(database_unavailable(after_loss), DatabaseUnavailableError)
+    assert database_unavailable(ProgrammingError("SELECT 1", {}, psycopg.ProgrammingError(autocommit))) is None
 
 
 @pytest.mark.parametrize("fresh_db_url", [POSTGRES], indirect=True)
