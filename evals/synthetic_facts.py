@@ -69,6 +69,7 @@ ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ..
 }
 QUESTION_FAMILIES = ("standard", "paraphrase")
 CONFUSABLE_SYLLABLES = 8
+SIBLING_EXTENSION = 0.25  # share of a sibling document's names that extend an earlier name by one syllable
 TITLE_TEMPLATES = ("Notes on {e}", "A short history of {e}", "The lands around {e}", "Facts about {e} and its allies")
 
 
@@ -146,6 +147,18 @@ class FactGenerator:
                 self._used.add(candidate)
                 return candidate
 
+    def sibling_name(self, heads: Sequence[str], earlier: Sequence[str]) -> str:
+        """A fresh name starting with one of `heads`, or one of the `earlier` names with a syllable added."""
+        while True:
+            if earlier and self.rng.random() < SIBLING_EXTENSION:
+                candidate = self.rng.choice(earlier) + self.rng.choice(SYLLABLES)
+            else:
+                tail = [self.rng.choice(SYLLABLES) for _ in range(self.rng.randint(1, 2))]
+                candidate = "".join([self.rng.choice(heads), *tail]).capitalize()
+            if candidate not in self._used:
+                self._used.add(candidate)
+                return candidate
+
     def value(self, kind: str) -> str:
         """A value of one kind: an invented name, a year or a word from a fixed list."""
         if kind == "person":
@@ -158,7 +171,7 @@ class FactGenerator:
 
     def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None),
                  style: str = "sentences", shared_attributes: bool = False,
-                 value_first: float = 0.0, confusable: bool = False) -> FactDocument:
+                 value_first: float = 0.0, confusable: bool = False, siblings: bool = False) -> FactDocument:
         """A document of exactly `n_facts` facts about several entities, with both question families.
 
         `style="lines"` writes each fact as a record line, `entity | attribute | value`: the reader learns to look
@@ -169,13 +182,16 @@ class FactGenerator:
         `confusable` draws the document's names from a few syllables only (CONFUSABLE_SYLLABLES), so that names
         share their first or last syllables ("Kelmor", "Kelmi", "Mikel"): a question is answered only by matching
         the whole name, and a value is copied to its end, not continued from a look-alike.
+        `siblings` gives the entities' names one of two first syllables, and some names are another one's with a
+        syllable added ("Resu", "Resutor"): a lookup that matches a name by its first token finds the wrong entity.
         """
         self._used = set()  # names are unique within a document; documents are independent worlds
         self._syllables = self.rng.sample(SYLLABLES, k=CONFUSABLE_SYLLABLES) if confusable else SYLLABLES
+        heads = self.rng.sample(SYLLABLES, k=2) if siblings else []
         facts: list[Fact] = []
         shared = self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(2, 4)) if shared_attributes else []
         while len(facts) < n_facts:
-            entity = self.name()
+            entity = self.sibling_name(heads, [f.entity for f in facts]) if siblings else self.name()
             attributes = (self.rng.sample(shared, k=len(shared)) if shared_attributes
                           else self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(3, 6)))
             for attribute in attributes[: n_facts - len(facts)]:
@@ -199,6 +215,18 @@ class FactGenerator:
                 yield Question(template.format(e=fact.entity), fact.value, family, index)
 
 
+def first_syllable(name: str) -> str:
+    """The syllable an invented name starts with (the longest that fits)."""
+    lowered = name.lower()
+    return max((s for s in SYLLABLES if lowered.startswith(s)), key=len, default=lowered[:2])
+
+
+def shares_first_syllable(doc: FactDocument, entity: str) -> bool:
+    """Whether another entity of the document starts with the same syllable as `entity`."""
+    first = first_syllable(entity)
+    return any(first_syllable(f.entity) == first for f in doc.facts if f.entity != entity)
+
+
 def is_value_first(template: str) -> bool:
     """Whether a sentence template names the value before the entity."""
     return template.index("{v}") < template.index("{e}")
@@ -206,11 +234,11 @@ def is_value_first(template: str) -> bool:
 
 def generate_documents(count: int, seed: int, *, min_facts: int = 20, max_facts: int = 60,
                        prefix: str = "facts", style: str = "sentences", shared_attributes: bool = False,
-                       confusable: bool = False) -> list[FactDocument]:
+                       confusable: bool = False, siblings: bool = False) -> list[FactDocument]:
     """`count` documents of `min_facts`..`max_facts` facts each, reproducible from `seed`."""
     generator = FactGenerator(seed)
     return [generator.document(f"{prefix}-{seed}-{n}", generator.rng.randint(min_facts, max_facts), style=style,
-                               shared_attributes=shared_attributes, confusable=confusable)
+                               shared_attributes=shared_attributes, confusable=confusable, siblings=siblings)
             for n in range(count)]
 
 

@@ -14,7 +14,7 @@ from evals.synthetic_facts import FactGenerator
 
 SMALL = train.Recipe(vocab_size=512, hidden_size=32, layers=1, heads=2, head_dim=16, intermediate_size=64,
                      induction_steps=2, steps=3, token_budget=768, max_seq=384, window=4, threads=1, line_docs=0.5,
-                     record_queries=0.5, shared_attributes=0.5, confusable=0.5)
+                     record_queries=0.5, shared_attributes=0.5, confusable=0.5, siblings=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,19 @@ def test_the_lookup_diagnostics_ask_record_prefixes_on_shared_attribute_document
     assert score["documents"] == 1 and score["questions"] == 12  # each fact: its record prefix and a paraphrase
     assert 0.0 <= score["standard"] <= 1.0 and 0.0 <= score["paraphrase"] <= 1.0
     assert score["value_first"] == 0.0 and score["entity_first"] == score["standard"]  # record lines: entity first
+
+
+def test_held_out_scores_split_out_the_entities_whose_names_start_alike() -> None:
+    from evals.reader.evaluate import evaluate, load
+    from evals.synthetic_facts import shares_first_syllable
+
+    model, tokenizer = load(Path(train.__file__).parent / "warm_start", threads=1)
+    siblings = FactGenerator(11).document("siblings", 8, siblings=True)
+    plain = FactGenerator(12).document("plain", 8)
+    score = evaluate(model, tokenizer, [siblings, plain], families=("standard",))
+    alike = sum(shares_first_syllable(doc, f.entity) for doc in (siblings, plain) for f in doc.facts)
+    assert score.first_syllable_shared_questions == alike >= 8, "every sibling document's entity counts"
+    assert score.questions == 16 and 0.0 <= score.first_syllable_shared <= 1.0
 
 
 def test_grown_weights_compute_what_the_shallower_model_did(word_tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -13,8 +13,10 @@ from evals.synthetic_facts import (
     CONFUSABLE_SYLLABLES,
     SYLLABLES,
     FactGenerator,
+    first_syllable,
     generate_documents,
     is_value_first,
+    shares_first_syllable,
 )
 from trainer_worker.qa_parsing import parse_qa
 
@@ -162,3 +164,19 @@ def test_confusable_documents_draw_every_name_from_a_few_syllables() -> None:
     assert len(long.text.split("\n\n")) == len({f.entity for f in long.facts}), "no entity name drawn twice"
     # off by default, and then the seeded stream is untouched
     assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, confusable=False)
+
+
+def test_sibling_documents_give_names_a_shared_first_syllable_and_names_that_extend_others() -> None:
+    doc = FactGenerator(5).document("siblings", 40, siblings=True)
+    entities = sorted({f.entity for f in doc.facts})
+    firsts = {train.SYLLABLE.match(name.lower()).group(0) for name in entities}  # type: ignore[union-attr]
+    assert len(firsts) <= 2 < len(entities), "several entities, one of two first syllables"
+    assert any(a != b and b.startswith(a) for a in entities for b in entities), "a name extends another one"
+    assert len(doc.text.split("\n\n")) == len(entities), "no entity name drawn twice"
+    # only entity names are siblings: values come from the whole syllable set as before
+    values = {f.value for f in doc.facts if f.attribute in ("capital", "partner", "river")}
+    assert any(train.SYLLABLE.match(v.lower()).group(0) not in firsts for v in values)  # type: ignore[union-attr]
+    assert all(shares_first_syllable(doc, name) for name in entities), "two first syllables, three or more names"
+    assert first_syllable("Venvofi") == "ven" and first_syllable("Resutor") == "re"
+    # off by default, and then the seeded stream is untouched
+    assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, siblings=False)

@@ -21,7 +21,7 @@ from typing import Any
 from engines.prompts import reader_prompt
 from evals.metrics import exact_match
 from evals.reader.formats import record_queries
-from evals.synthetic_facts import FactDocument, generate_documents
+from evals.synthetic_facts import FactDocument, generate_documents, shares_first_syllable
 
 HELD_OUT_SEED = 900_001
 
@@ -30,7 +30,9 @@ HELD_OUT_SEED = 900_001
 class ReaderScore:
     """Exact match by question family over the held-out documents, and of the standard questions by the order in
     which the fact's sentence names entity and value (value first is the harder lookup: "Morsu is the capital of
-    Kelka." answers "What is the capital of Kelka?" with the words before the match)."""
+    Kelka." answers "What is the capital of Kelka?" with the words before the match), and by whether the entity's
+    name starts like another entity's of its document ("Resu", "Resutor"; a lookup keyed on the name's first token
+    fails there)."""
 
     documents: int
     questions: int
@@ -38,6 +40,8 @@ class ReaderScore:
     paraphrase: float
     entity_first: float
     value_first: float
+    first_syllable_shared: float
+    first_syllable_shared_questions: int
 
 
 def load(model_dir: Path | str, threads: int = 2) -> tuple[Any, Any]:
@@ -67,7 +71,8 @@ def answer(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: i
 def evaluate(model: Any, tokenizer: Any, documents: Sequence[FactDocument], batch: int = 16,
              families: Sequence[str] = ("standard", "paraphrase")) -> ReaderScore:
     """Exact match of every question (of the given families) of every document, document in context."""
-    hits: dict[str, list[float]] = {"standard": [], "paraphrase": [], "entity_first": [], "value_first": []}
+    hits: dict[str, list[float]] = {"standard": [], "paraphrase": [], "entity_first": [], "value_first": [],
+                                    "first_syllable_shared": []}
     for doc in documents:
         questions = [q for q in doc.questions if q.family in families]
         for start in range(0, len(questions), batch):
@@ -77,10 +82,14 @@ def evaluate(model: Any, tokenizer: Any, documents: Sequence[FactDocument], batc
                 hit = exact_match(reply, [question.answer])
                 hits[question.family].append(hit)
                 if question.family == "standard":
-                    hits["value_first" if doc.facts[question.fact_index].value_first else "entity_first"].append(hit)
+                    fact = doc.facts[question.fact_index]
+                    hits["value_first" if fact.value_first else "entity_first"].append(hit)
+                    if shares_first_syllable(doc, fact.entity):
+                        hits["first_syllable_shared"].append(hit)
     mean = {k: sum(v) / len(v) if v else 0.0 for k, v in hits.items()}
     return ReaderScore(len(documents), len(hits["standard"]) + len(hits["paraphrase"]), mean["standard"],
-                       mean["paraphrase"], mean["entity_first"], mean["value_first"])
+                       mean["paraphrase"], mean["entity_first"], mean["value_first"], mean["first_syllable_shared"],
+                       len(hits["first_syllable_shared"]))
 
 
 def main() -> None:
@@ -98,12 +107,14 @@ def main() -> None:
                         help="Every entity has the same attributes: only entity matching beats chance.")
     parser.add_argument("--confusable", action="store_true",
                         help="Names drawn from a few syllables per document (look-alike names).")
+    parser.add_argument("--siblings", action="store_true",
+                        help="Names sharing their first syllable, some extending another (\"Resu\", \"Resutor\").")
     parser.add_argument("--standard-only", action="store_true", help="Skip the paraphrased questions (faster).")
     args = parser.parse_args()
     model, tokenizer = load(args.model_dir, args.threads)
     docs = generate_documents(args.docs, HELD_OUT_SEED, min_facts=args.min_facts, max_facts=args.max_facts,
                               prefix="heldout", style=args.style, shared_attributes=args.shared_attributes,
-                              confusable=args.confusable)
+                              confusable=args.confusable, siblings=args.siblings)
     if args.style == "lines" and args.record_queries:
         rng = random.Random(HELD_OUT_SEED)
         docs = [record_queries(doc, rng, args.record_queries) for doc in docs]

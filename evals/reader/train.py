@@ -15,7 +15,8 @@ Recipe (seeded, reproducible on one machine; numbers, the exact command and any 
    induction. Documents can be written a line per fact (`--line-docs`) and questions about them asked as the
    line's prefix (`--record-queries`): plain copying first, questions in words on top. `--shared-attributes` gives
    a share of documents the same attributes for every entity, where only matching the entity answers, and
-   `--confusable` a share whose names are drawn from a few syllables (look-alikes: only the whole name matches).
+   `--confusable` a share whose names are drawn from a few syllables (look-alikes: only the whole name matches),
+   `--siblings` a share whose names share their first syllable or extend one another ("Resu", "Resutor").
    Accuracy is teacher-forced exact match of every answer token on fresh documents (never seen before). Phases
    chain with `--init-from` (a continued phase keeps the earlier phase's tokenizer).
 4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
@@ -80,6 +81,7 @@ class Recipe:
     induction_stop: float = 0.5
     value_first: float = 0.0
     confusable: float = 0.0
+    siblings: float = 0.0
     data_seed: int | None = None  # the training stream's seed when not `seed` (a continued run's fresh documents)
 
 
@@ -283,8 +285,9 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
     style = "lines" if rng.random() < recipe.line_docs else "sentences"
     shared = recipe.shared_attributes > 0 and rng.random() < recipe.shared_attributes
     confusable = recipe.confusable > 0 and rng.random() < recipe.confusable
+    siblings = recipe.siblings > 0 and rng.random() < recipe.siblings
     doc = gen.document("train", facts, style=style, shared_attributes=shared, value_first=recipe.value_first,
-                       confusable=confusable)
+                       confusable=confusable, siblings=siblings)
     if style == "lines" and recipe.record_queries:
         doc = formats.record_queries(doc, rng, recipe.record_queries)
     extra = rng.randint(min(12, facts) // 2, min(12, facts))
@@ -497,6 +500,8 @@ def main() -> None:
                         help="Share of facts written value first (\"Morsu is the capital of Kelka.\").")
     parser.add_argument("--confusable", type=float, default=Recipe.confusable,
                         help="Share of documents whose names are drawn from a few syllables (look-alike names).")
+    parser.add_argument("--siblings", type=float, default=Recipe.siblings,
+                        help="Share of documents whose names share first syllables or extend each other.")
     parser.add_argument("--layers", type=int, default=Recipe.layers,
                         help="Decoder layers; more than --init-from's adds layers that start as identities.")
     parser.add_argument("--heads", type=int, default=Recipe.heads,
@@ -517,7 +522,7 @@ def main() -> None:
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
                     value_first=args.value_first, layers=args.layers, confusable=args.confusable,
-                    heads=args.heads, data_seed=args.data_seed)
+                    heads=args.heads, siblings=args.siblings, data_seed=args.data_seed)
     train(recipe, args.out, init_from=args.init_from)
 
 
