@@ -10,6 +10,7 @@ an evaluation can tell recall from template matching. Everything is drawn from o
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +68,9 @@ ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ..
         ("What river flows through {e}?", "Which river crosses {e}?"),
         ("On which river does {e} lie?", "Name the river of {e}.")),
 }
+# one syllable, longest first ("ven" before a shorter syllable it starts with)
+SYLLABLE_PATTERN = "|".join(sorted(SYLLABLES, key=len, reverse=True))
+SYLLABLE = re.compile(SYLLABLE_PATTERN, re.IGNORECASE)
 QUESTION_FAMILIES = ("standard", "paraphrase")
 CONFUSABLE_SYLLABLES = 8
 SIBLING_EXTENSION = 0.25  # share of a sibling document's names that extend an earlier name by one syllable
@@ -217,8 +221,8 @@ class FactGenerator:
 
 def first_syllable(name: str) -> str:
     """The syllable an invented name starts with (the longest that fits)."""
-    lowered = name.lower()
-    return max((s for s in SYLLABLES if lowered.startswith(s)), key=len, default=lowered[:2])
+    match = SYLLABLE.match(name)
+    return match.group(0).lower() if match else name[:2].lower()
 
 
 def shares_first_syllable(doc: FactDocument, entity: str) -> bool:

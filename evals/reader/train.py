@@ -40,7 +40,8 @@ from typing import Any
 from engines.prompts import CLOSED_BOOK_PROMPT, PASSAGES_PREAMBLE, reader_prompt
 from engines.tiny_model import CHAT_TEMPLATE, CORPUS, PAD, SPECIAL_TOKENS
 from evals.reader import formats
-from evals.synthetic_facts import SYLLABLES, FactGenerator, generate_documents
+from evals.synthetic_facts import SYLLABLE, FactGenerator, generate_documents
+from evals.synthetic_facts import SYLLABLE_PATTERN as _SYLLABLE
 from trainer_worker.km_data import QA_PROMPT as SDCD_QA_PROMPT
 from trainer_worker.km_data import SUMMARY_PROMPT as SDCD_SUMMARY_PROMPT
 from trainer_worker.synthesize import QA_PROMPT, SUMMARY_PROMPT
@@ -85,8 +86,6 @@ class Recipe:
     data_seed: int | None = None  # the training stream's seed when not `seed` (a continued run's fresh documents)
 
 
-_SYLLABLE = "|".join(sorted(SYLLABLES, key=len, reverse=True))
-SYLLABLE = re.compile(_SYLLABLE, re.IGNORECASE)
 NAME = re.compile(rf"\b(?:{_SYLLABLE})+\b", re.IGNORECASE)
 
 
