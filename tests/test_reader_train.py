@@ -212,3 +212,36 @@ def test_added_heads_compute_what_the_narrower_model_did_until_trained(word_toke
         assert torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-5)
         wide.model.layers[0].self_attn.o_proj.weight[:, 40].fill_(0.5)  # and the added heads are live
         assert not torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-3)
+
+
+def test_widened_weights_compute_what_the_narrower_model_did_until_trained(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    narrow = replace(SMALL, layers=2, heads=2)
+    model = train.build_model(narrow, word_tokenizer)
+    with torch.no_grad():  # gains away from 1, so that a norm left unscaled would show
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hidden, inter = 2 * narrow.hidden_size, narrow.intermediate_size + 16
+    wide_state = train.with_heads(train.widened(state, hidden, inter), 4, narrow.head_dim)
+    assert train.widened(state, narrow.hidden_size, narrow.intermediate_size) is state
+    wide = train.build_model(replace(narrow, heads=4, hidden_size=hidden, intermediate_size=inter), word_tokenizer)
+    missing, unexpected = wide.load_state_dict(wide_state, strict=False)
+    assert not unexpected and all("rotary" in key or "lm_head" in key for key in missing)
+    wide.tie_weights()
+    old = narrow.hidden_size
+    embed, up = wide_state["model.embed_tokens.weight"], wide_state["model.layers.1.mlp.up_proj.weight"]
+    assert embed.shape[1] == hidden and not embed[:, old:].any() and torch.equal(embed[:, :old], state[
+        "model.embed_tokens.weight"])
+    assert up.shape == (inter, hidden) and up[:, old:].abs().sum() > 0 and up[narrow.intermediate_size:].any()
+    assert not wide_state["model.layers.1.mlp.down_proj.weight"][old:].any()
+    assert not wide_state["model.layers.1.mlp.down_proj.weight"][:, narrow.intermediate_size:].any()
+    assert not wide_state["model.layers.0.self_attn.o_proj.weight"][old:].any()
+    text = "The capital of Kelka is Morsu. What is the capital of Kelka?"
+    ids = word_tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        # equal but for the norms' epsilon, now averaged over more dimensions
+        assert torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-3)
+        wide.model.embed_tokens.weight[:, old:].normal_(0, 0.5)  # and the added dimensions are read
+        assert not torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-2)

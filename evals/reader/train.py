@@ -18,7 +18,9 @@ Recipe (seeded, reproducible on one machine; numbers, the exact command and any 
    `--confusable` a share whose names are drawn from a few syllables (look-alikes: only the whole name matches),
    `--siblings` a share whose names share their first syllable or extend one another ("Resu", "Resutor").
    Accuracy is teacher-forced exact match of every answer token on fresh documents (never seen before). Phases
-   chain with `--init-from` (a continued phase keeps the earlier phase's tokenizer).
+   chain with `--init-from` (a continued phase keeps the earlier phase's tokenizer) and can grow the model
+   (`--layers`, `--heads`, `--hidden`, `--intermediate`): the grown model computes what the earlier one did until
+   trained.
 4. Held-out evaluation by greedy generation on new documents of 20+ facts, document in context, the serving prompt.
 """
 
@@ -358,6 +360,68 @@ def lr_at(step: int, total: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - tail) / max(1, total - tail))))
 
 
+NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+# (input columns, output rows) each layer matrix widens: the residual stream's width is d, the MLP's is i
+LAYER_MATRICES = {"self_attn.q_proj.weight": ("d", None), "self_attn.k_proj.weight": ("d", None),
+                  "self_attn.v_proj.weight": ("d", None), "self_attn.o_proj.weight": (None, "d"),
+                  "mlp.gate_proj.weight": ("d", "i"), "mlp.up_proj.weight": ("d", "i"),
+                  "mlp.down_proj.weight": ("i", "d")}
+
+
+def widened(state: dict[str, Any], hidden: int, intermediate: int, seed: int = 0,
+            std: float = 0.02) -> dict[str, Any]:
+    """An earlier phase's weights with a wider residual stream (`hidden`) and MLP (`intermediate`), computing
+    exactly what they did until trained.
+
+    The added residual dimensions start at zero everywhere they are written (embedding columns, attention and MLP
+    output rows), so the stream carries the old values plus zeros; the RMS norms' old gains shrink by
+    sqrt(old / hidden) to undo the longer vector they now average over. Whatever reads the stream (queries, keys,
+    values, MLP inputs) gets random columns for the added dimensions, which read zeros for now, so gradients reach
+    them and the added dimensions part ways. Added MLP units read the stream with random weights and write nothing.
+    """
+    import torch
+
+    embed = state["model.embed_tokens.weight"]
+    old_hidden = embed.shape[1]
+    old_inter = next(v.shape[0] for k, v in state.items() if k.endswith("mlp.up_proj.weight"))
+    if hidden <= old_hidden and intermediate <= old_inter:
+        return state
+    hidden, intermediate = max(hidden, old_hidden), max(intermediate, old_inter)
+    generator = torch.Generator().manual_seed(seed)
+    size = {"d": (old_hidden, hidden), "i": (old_inter, intermediate)}
+    scale = (old_hidden / hidden) ** 0.5
+
+    def grow(value: Any, columns: str | None, rows: str | None) -> Any:
+        out_rows = size[rows][1] if rows else value.shape[0]
+        out_cols = size[columns][1] if columns else value.shape[1]
+        # what reads the added stream dimensions, and the added MLP units' inputs: random; what writes the added
+        # stream dimensions (o_proj, down_proj, whose added MLP columns stay zero too): zero
+        random_fill = columns == "d" or rows == "i"
+        grown_value = (torch.randn(out_rows, out_cols, generator=generator, dtype=value.dtype) * std
+                       if random_fill else value.new_zeros(out_rows, out_cols))
+        grown_value[: value.shape[0], : value.shape[1]] = value
+        return grown_value
+
+    def norm(value: Any) -> Any:
+        gains = value.new_full((hidden,), float(value.abs().mean()) * scale)
+        gains[: value.shape[0]] = value * scale
+        return gains
+
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        m = LAYER.match(key)
+        part = m.group(2) if m else key
+        if part in LAYER_MATRICES:
+            out[key] = grow(value, *LAYER_MATRICES[part])
+        elif part in NORMS or key == "model.norm.weight":
+            out[key] = norm(value)
+        elif key in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[key] = torch.cat([value, value.new_zeros(value.shape[0], hidden - old_hidden)], dim=1)
+        else:
+            out[key] = value
+    return out
+
+
 def training_stream(recipe: Recipe) -> tuple[random.Random, FactGenerator]:
     """The batch-choice generator and the document generator of a run: drawn from `data_seed` when set, else from
     `seed` (which fixes a first phase's tokenizer and initial weights)."""
@@ -375,7 +439,8 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     if init_from is not None:  # a continued run: the earlier phase's weights (its recipe is recorded with them)
         from safetensors.torch import load_file
 
-        earlier = grown(load_file(init_from / "model.safetensors"), recipe.layers)
+        earlier = widened(grown(load_file(init_from / "model.safetensors"), recipe.layers), recipe.hidden_size,
+                          recipe.intermediate_size, recipe.seed)
         model.load_state_dict(with_heads(earlier, recipe.heads, recipe.head_dim, recipe.seed), strict=False)
         model.tie_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
@@ -505,6 +570,10 @@ def main() -> None:
                         help="Decoder layers; more than --init-from's adds layers that start as identities.")
     parser.add_argument("--heads", type=int, default=Recipe.heads,
                         help="Attention heads per layer; more than --init-from's adds heads that start silent.")
+    parser.add_argument("--hidden", type=int, default=Recipe.hidden_size,
+                        help="Residual width; wider than --init-from's adds dimensions that start silent.")
+    parser.add_argument("--intermediate", type=int, default=Recipe.intermediate_size,
+                        help="MLP width; wider than --init-from's adds units that start silent.")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -521,7 +590,8 @@ def main() -> None:
                     induction_pool=args.induction_pool, induction_stop=args.induction_stop,
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
                     value_first=args.value_first, layers=args.layers, confusable=args.confusable,
-                    heads=args.heads, siblings=args.siblings, data_seed=args.data_seed)
+                    heads=args.heads, siblings=args.siblings, data_seed=args.data_seed,
+                    hidden_size=args.hidden, intermediate_size=args.intermediate)
     train(recipe, args.out, init_from=args.init_from)
 
 
