@@ -226,6 +226,8 @@ def test_widened_weights_compute_what_the_narrower_model_did_until_trained(word_
     hidden, inter = 2 * narrow.hidden_size, narrow.intermediate_size + 16
     wide_state = train.with_heads(train.widened(state, hidden, inter), 4, narrow.head_dim)
     assert train.widened(state, narrow.hidden_size, narrow.intermediate_size) is state
+    with pytest.raises(ValueError, match="cannot narrow"):
+        train.widened(state, narrow.hidden_size // 2, narrow.intermediate_size)
     wide = train.build_model(replace(narrow, heads=4, hidden_size=hidden, intermediate_size=inter), word_tokenizer)
     missing, unexpected = wide.load_state_dict(wide_state, strict=False)
     assert not unexpected and all("rotary" in key or "lm_head" in key for key in missing)

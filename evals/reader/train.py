@@ -370,8 +370,8 @@ LAYER_MATRICES = {"self_attn.q_proj.weight": ("d", None), "self_attn.k_proj.weig
 
 def widened(state: dict[str, Any], hidden: int, intermediate: int, seed: int = 0,
             std: float = 0.02) -> dict[str, Any]:
-    """An earlier phase's weights with a wider residual stream (`hidden`) and MLP (`intermediate`), computing
-    exactly what they did until trained.
+    """An earlier phase's weights with a wider residual stream (`hidden`) and MLP (`intermediate`), computing what
+    they did until trained (up to the norms' epsilon, now averaged over more dimensions).
 
     The added residual dimensions start at zero everywhere they are written (embedding columns, attention and MLP
     output rows), so the stream carries the old values plus zeros; the RMS norms' old gains shrink by
@@ -384,9 +384,10 @@ def widened(state: dict[str, Any], hidden: int, intermediate: int, seed: int = 0
     embed = state["model.embed_tokens.weight"]
     old_hidden = embed.shape[1]
     old_inter = next(v.shape[0] for k, v in state.items() if k.endswith("mlp.up_proj.weight"))
-    if hidden <= old_hidden and intermediate <= old_inter:
+    if hidden < old_hidden or intermediate < old_inter:
+        raise ValueError(f"cannot narrow a {old_hidden}-wide model (MLP {old_inter}) to {hidden} (MLP {intermediate})")
+    if hidden == old_hidden and intermediate == old_inter:
         return state
-    hidden, intermediate = max(hidden, old_hidden), max(intermediate, old_inter)
     generator = torch.Generator().manual_seed(seed)
     size = {"d": (old_hidden, hidden), "i": (old_inter, intermediate)}
     scale = (old_hidden / hidden) ** 0.5
