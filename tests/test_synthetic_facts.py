@@ -7,10 +7,11 @@ import random
 import pytest
 
 from engines.prompts import PASSAGES_PREAMBLE
-from evals.reader import formats, train
+from evals.reader import formats
 from evals.synthetic_facts import (
     ATTRIBUTES,
     CONFUSABLE_SYLLABLES,
+    SYLLABLE,
     SYLLABLES,
     FactGenerator,
     first_syllable,
@@ -152,10 +153,10 @@ def test_confusable_documents_draw_every_name_from_a_few_syllables() -> None:
     names = {f.entity for f in doc.facts} | {part for f in doc.facts if f.attribute in ("capital", "founder",
                                                                                       "partner", "river")
                                              for part in f.value.split()}
-    syllables = {s for name in names for s in train.SYLLABLE.findall(name.lower())}
+    syllables = {s for name in names for s in SYLLABLE.findall(name.lower())}
     assert len(syllables) <= CONFUSABLE_SYLLABLES < len(SYLLABLES)
     # names really look alike: most entities share their first syllable with another name in the document
-    firsts = [train.SYLLABLE.match(name.lower()).group(0) for name in names]  # type: ignore[union-attr]
+    firsts = [first_syllable(name) for name in names]
     assert sum(firsts.count(first) > 1 for first in firsts) > len(firsts) // 2
     assert len({f.entity for f in doc.facts}) >= 4, "still several distinct entities"
     # a long document that runs out of the few syllables' names still completes, with unique names
@@ -169,13 +170,13 @@ def test_confusable_documents_draw_every_name_from_a_few_syllables() -> None:
 def test_sibling_documents_give_names_a_shared_first_syllable_and_names_that_extend_others() -> None:
     doc = FactGenerator(5).document("siblings", 40, siblings=True)
     entities = sorted({f.entity for f in doc.facts})
-    firsts = {train.SYLLABLE.match(name.lower()).group(0) for name in entities}  # type: ignore[union-attr]
+    firsts = {first_syllable(name) for name in entities}
     assert len(firsts) <= 2 < len(entities), "several entities, one of two first syllables"
     assert any(a != b and b.startswith(a) for a in entities for b in entities), "a name extends another one"
     assert len(doc.text.split("\n\n")) == len(entities), "no entity name drawn twice"
     # only entity names are siblings: values come from the whole syllable set as before
     values = {f.value for f in doc.facts if f.attribute in ("capital", "partner", "river")}
-    assert any(train.SYLLABLE.match(v.lower()).group(0) not in firsts for v in values)  # type: ignore[union-attr]
+    assert any(first_syllable(v) not in firsts for v in values)
     assert all(shares_first_syllable(doc, name) for name in entities), "two first syllables, three or more names"
     assert first_syllable("Venvofi") == "ven" and first_syllable("Resutor") == "re"
     # off by default, and then the seeded stream is untouched

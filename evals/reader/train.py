@@ -42,8 +42,7 @@ from typing import Any
 from engines.prompts import CLOSED_BOOK_PROMPT, PASSAGES_PREAMBLE, reader_prompt
 from engines.tiny_model import CHAT_TEMPLATE, CORPUS, PAD, SPECIAL_TOKENS
 from evals.reader import formats
-from evals.synthetic_facts import SYLLABLE, FactGenerator, generate_documents
-from evals.synthetic_facts import SYLLABLE_PATTERN as _SYLLABLE
+from evals.synthetic_facts import SYLLABLE, SYLLABLE_PATTERN, FactGenerator, generate_documents
 from trainer_worker.km_data import QA_PROMPT as SDCD_QA_PROMPT
 from trainer_worker.km_data import SUMMARY_PROMPT as SDCD_SUMMARY_PROMPT
 from trainer_worker.synthesize import QA_PROMPT, SUMMARY_PROMPT
@@ -88,7 +87,7 @@ class Recipe:
     data_seed: int | None = None  # the training stream's seed when not `seed` (a continued run's fresh documents)
 
 
-NAME = re.compile(rf"\b(?:{_SYLLABLE})+\b", re.IGNORECASE)
+NAME = re.compile(rf"\b(?:{SYLLABLE_PATTERN})+\b", re.IGNORECASE)
 
 
 def split_names(line: str) -> str:
@@ -137,7 +136,7 @@ def build_tokenizer(recipe: Recipe) -> Any:
             normalizers.Replace(Regex(r"\A (?=\s)"), "")])
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"), behavior="isolated"),
-            pre_tokenizers.Split(Regex(f" ?(?i:{_SYLLABLE})"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(f" ?(?i:{SYLLABLE_PATTERN})"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         # the supplied spaces are not text: a text's or a line's first word decodes without one
         tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("\n ", "\n"),
