@@ -247,3 +247,22 @@ def test_widened_weights_compute_what_the_narrower_model_did_until_trained(word_
         assert torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-3)
         wide.model.embed_tokens.weight[:, old:].normal_(0, 0.5)  # and the added dimensions are read
         assert not torch.allclose(model(ids).logits, wide(ids).logits, atol=1e-2)
+
+
+def test_recall_batches_train_whole_name_lookups_within_the_token_budget(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+
+    recipe = replace(SMALL, recall_mix=1.0, induction_mix=0.0, induction_steps=0, steps=2, max_facts=8)
+    rng, gen = train.training_stream(recipe)
+    items = train._recall_batch(rng, gen, tokenizer, recipe)
+    assert items and max(len(ids) for ids, _ in items) * len(items) <= recipe.token_budget
+    assert all(any(label != -100 for label in labels) for _, labels in items)
+    log = train.train(recipe, tmp_path, log_every=1)
+    assert [entry["step"] for entry in log["recall"]] == [0, 1] and not log["skills"]
+    assert json.loads((tmp_path / "RECIPE.json").read_text())["recipe"]["recall_mix"] == 1.0
+    # a document's sequence asks at most `followups` further questions
+    gen = FactGenerator(9)
+    for followups in (2, 12):
+        asked = [train.sample_sequence("icl", gen, 16, tokenizer, replace(recipe, followups=followups, max_seq=4096))
+                 for _ in range(5)]
+        turns = [tokenizer.decode(ids).count("<|assistant|>") - 1 for ids, _ in asked]
+        assert max(turns) <= followups and min(turns) >= min(followups, 8) // 2, turns

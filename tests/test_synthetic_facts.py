@@ -181,3 +181,18 @@ def test_sibling_documents_give_names_a_shared_first_syllable_and_names_that_ext
     assert first_syllable("Venvofi") == "ven" and first_syllable("Resutor") == "re"
     # off by default, and then the seeded stream is untouched
     assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, siblings=False)
+
+
+def test_recall_asks_every_fact_once_after_the_document_and_trains_only_the_values() -> None:
+    doc = FactGenerator(8).document("recall", 14, style="lines", siblings=True)
+    segments = formats.recall(doc, random.Random(2))
+    assert segments[:2] == [(formats.BOS, False), (doc.text + "\n\n", False)]
+    asked = segments[2:]
+    queries = [text for text, trained in asked[0::3]]
+    values = [text for text, trained in asked[1::3]]
+    assert all(not trained for _, trained in asked[0::3]) and all(trained for _, trained in asked[1::3])
+    assert all(text == "\n" and not trained for text, trained in asked[2::3])
+    # every record line once, in another order than the document's
+    lines = [f"{query}{value}" for query, value in zip(queries, values, strict=True)]
+    assert sorted(lines) == sorted(doc.text.replace("\n\n", "\n").split("\n")) and lines != doc.text.split("\n")
+    assert sorted(value.strip() for value in values) == sorted(fact.value for fact in doc.facts)

@@ -141,6 +141,20 @@ def encode(tokenizer: object, segments: Sequence[Segment], limit: int) -> tuple[
     return ids, labels
 
 
+def recall(doc: FactDocument, rng: random.Random) -> list[Segment]:
+    """A line-per-fact document, then every fact's record prefix again in a random order with its value trained.
+
+    Dense associative recall: every fact of the document is looked up once, so one sequence trains as many
+    look-ups as it has facts. On documents whose names share their first syllables (siblings, look-alikes) only a
+    match on the whole name (several tokens) finds the right line, which the sparse questions of the other formats
+    teach too rarely for the lookup to stop keying on a name's first token.
+    """
+    segments: list[Segment] = [(BOS, False), (doc.text + "\n\n", False)]
+    for fact in rng.sample(doc.facts, k=len(doc.facts)):
+        segments += [(f"{fact.entity} | {fact.attribute} |", False), (f" {fact.value}", True), ("\n", False)]
+    return segments
+
+
 def induction(rng: random.Random, pool: Sequence[int], length: int) -> tuple[list[int], list[int]]:
     """Random tokens from `pool`, a random filler, then the same tokens again; only the repeat is trained.
 

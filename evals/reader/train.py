@@ -85,6 +85,9 @@ class Recipe:
     confusable: float = 0.0
     siblings: float = 0.0
     data_seed: int | None = None  # the training stream's seed when not `seed` (a continued run's fresh documents)
+    followups: int = 12  # most closed-book questions after a document's first answer (at most one per fact)
+    recall_mix: float = 0.0  # share of batches of dense recall (formats.recall) on documents of look-alike names
+    recall_siblings: float = 0.5  # share of those documents with sibling names (the others look-alike names)
 
 
 NAME = re.compile(rf"\b(?:{SYLLABLE_PATTERN})+\b", re.IGNORECASE)
@@ -290,7 +293,7 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
                        confusable=confusable, siblings=siblings)
     if style == "lines" and recipe.record_queries:
         doc = formats.record_queries(doc, rng, recipe.record_queries)
-    extra = rng.randint(min(12, facts) // 2, min(12, facts))
+    extra = rng.randint(min(recipe.followups, facts) // 2, min(recipe.followups, facts))
     if task == "icl":
         segments = formats.icl(doc, rng, extra)
     elif task == "rag":
@@ -447,7 +450,7 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
                                   betas=(0.9, 0.98))
     rng, gen = training_stream(recipe)
     pool = induction_pool(recipe, tokenizer)
-    log: dict[str, Any] = {"induction": [], "skills": [], "promotions": []}
+    log: dict[str, Any] = {"induction": [], "skills": [], "recall": [], "promotions": []}
     if init_from is not None and (init_from / "RECIPE.json").exists():
         log["previous"] = json.loads((init_from / "RECIPE.json").read_text())
     started = time.monotonic()
@@ -467,19 +470,28 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     curriculum = Curriculum(recipe)
     tasks = formats.TASKS
     for step in range(recipe.steps):
-        if rng.random() < recipe.induction_mix:
+        draw = rng.random()
+        recall = recipe.induction_mix <= draw < recipe.induction_mix + recipe.recall_mix
+        if draw < recipe.induction_mix:
             items = _induction_batch(rng, pool, recipe)
+        elif recall:
+            items = _recall_batch(rng, gen, tokenizer, recipe)
         else:
             items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
         loss, correct = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.steps, recipe.lr))
-        if curriculum.record(correct):
-            log["promotions"].append({"step": step, "facts": curriculum.facts})
-            print(f"step {step}: curriculum -> {curriculum.facts} facts", flush=True)
-        if step % log_every == 0:
-            entry = {"step": step, "loss": loss, "facts": curriculum.facts, "em": round(curriculum.accuracy, 3),
-                     "s": round(time.monotonic() - started, 1)}
-            log["skills"].append(entry)
-            print(json.dumps(entry), flush=True)
+        if recall:  # its look-ups carry no EOS-ended answers: the curriculum's accuracy is the skills' alone
+            if step % log_every == 0:
+                log["recall"].append({"step": step, "loss": loss, "s": round(time.monotonic() - started, 1)})
+                print(json.dumps({"step": step, "recall_loss": loss}), flush=True)
+        else:
+            if curriculum.record(correct):
+                log["promotions"].append({"step": step, "facts": curriculum.facts})
+                print(f"step {step}: curriculum -> {curriculum.facts} facts", flush=True)
+            if step % log_every == 0:
+                entry = {"step": step, "loss": loss, "facts": curriculum.facts, "em": round(curriculum.accuracy, 3),
+                         "s": round(time.monotonic() - started, 1)}
+                log["skills"].append(entry)
+                print(json.dumps(entry), flush=True)
         if step % 250 == 249:
             save(model, tokenizer, recipe, out, log)
     log["train_seconds"] = round(time.monotonic() - started, 1)
@@ -489,6 +501,22 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
 
 def _induction_batch(rng: random.Random, pool: list[int], recipe: Recipe) -> list[tuple[list[int], list[int]]]:
     return [formats.induction(rng, pool, recipe.induction_length) for _ in range(recipe.induction_batch)]
+
+
+def _recall_batch(rng: random.Random, gen: FactGenerator, tokenizer: Any,
+                  recipe: Recipe) -> list[tuple[list[int], list[int]]]:
+    """Dense recall sequences (every fact looked up) on line documents whose names share syllables."""
+    items: list[tuple[list[int], list[int]]] = []
+    longest = 0
+    while True:
+        siblings = rng.random() < recipe.recall_siblings
+        doc = gen.document("recall", rng.randint(max(1, recipe.max_facts // 2), recipe.max_facts), style="lines",
+                           siblings=siblings, confusable=not siblings)
+        item = formats.encode(tokenizer, formats.recall(doc, rng), recipe.max_seq)
+        longest = max(longest, len(item[0]))
+        if items and longest * (len(items) + 1) > recipe.token_budget:
+            return items
+        items.append(item)
 
 
 def _skill_batch(rng: random.Random, gen: FactGenerator, facts: int, tokenizer: Any, recipe: Recipe,
@@ -576,6 +604,14 @@ def main() -> None:
                         help="MLP width; wider than --init-from's adds units that start silent.")
     parser.add_argument("--induction-batch", type=int, default=Recipe.induction_batch)
     parser.add_argument("--induction-mix", type=float, default=Recipe.induction_mix)
+    parser.add_argument("--followups", type=int, default=Recipe.followups,
+                        help="Most further questions about a document in the sequences that carry one.")
+    parser.add_argument("--max-seq", type=int, default=Recipe.max_seq, help="Longest training sequence (tokens).")
+    parser.add_argument("--recall-mix", type=float, default=Recipe.recall_mix,
+                        help="Share of batches of dense recall: a line document of look-alike or sibling names, "
+                             "then every fact's record prefix with its value (whole-name matching).")
+    parser.add_argument("--recall-siblings", type=float, default=Recipe.recall_siblings,
+                        help="Share of the recall documents with sibling names (the others: look-alike names).")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--task-weights", type=str, default=",".join(map(str, Recipe.task_weights)),
                         help=f"Comma-separated weights of {', '.join(formats.TASKS)}.")
@@ -591,7 +627,8 @@ def main() -> None:
                     induction_mix=args.induction_mix, lr=args.lr, task_weights=weights,
                     value_first=args.value_first, layers=args.layers, confusable=args.confusable,
                     heads=args.heads, siblings=args.siblings, data_seed=args.data_seed,
-                    hidden_size=args.hidden, intermediate_size=args.intermediate)
+                    hidden_size=args.hidden, intermediate_size=args.intermediate, recall_mix=args.recall_mix,
+                    recall_siblings=args.recall_siblings, followups=args.followups, max_seq=args.max_seq)
     train(recipe, args.out, init_from=args.init_from)
 
 
