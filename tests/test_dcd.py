@@ -28,6 +28,8 @@ from trainer_worker.km_data import (
     DcdExample,
     ExampleDeck,
     TrainSampler,
+    WindowSource,
+    answer_items,
     document_data,
     parse_synthetic,
     sdcd_example,
@@ -201,6 +203,35 @@ def test_parse_synthetic_reads_both_record_forms_and_names_bad_lines() -> None:
         parse_synthetic(json.dumps(lines[0]) + "\n" + json.dumps({"chunk_index": 0, "type": "poem", "text": "x"}))
 
 
+def test_answer_targets_ask_each_qa_pair_closed_book_as_the_server_does(tiny_model_dir: Path) -> None:
+    from engines.hf_loading import load_tokenizer
+    from engines.prompts import CLOSED_BOOK_PROMPT
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lines = [{"chunk_index": 0, "type": "summary", "text": "The river is the Osven."},
+             {"chunk_index": 0, "type": "qa", "question": "Which river crosses Kelka?", "answer": "the Osven"},
+             {"chunk_index": 0, "type": "qa", "text": "\nQuestion: X\nAnswer: Y"},  # parts unknown: no answer target
+             {"chunk_index": 0, "type": "qa", "question": "Who founded Kelka?", "answer": " "}]
+    items = parse_synthetic("\n".join(json.dumps(line) for line in lines))
+    answers = answer_items(items)
+    assert [(a.kind, a.target, a.question) for a in answers] == [
+        ("answer", "the Osven", "Which river crosses Kelka?")]
+    question = CLOSED_BOOK_PROMPT.format(question="Which river crosses Kelka?")
+    assert answers[0].prompt == question
+    chunk = "The Osven is the river that crosses Kelka."
+    data = {flag: synthetic_data(tokenizer, {0: chunk}, items, dev_fraction=0.1, max_dev=1, seed=0,
+                                 max_context_tokens=100, max_target_tokens=100, answer_targets=flag)
+            for flag in (False, True)}
+    every = {flag: [*d.dev, *d.source.examples] for flag, d in data.items()}  # type: ignore[union-attr]
+    assert len(every[True]) == len(every[False]) + 1
+    added = [ex for ex in every[True] if ex not in every[False]]
+    assert [tokenizer.decode(ex.student_ids) for ex in added] == [
+        f"<|bos|><|user|>\n{question}\n<|assistant|>\nthe Osven"]
+    assert tokenizer.decode(added[0].teacher_ids) == f"<|bos|><|user|>\n{chunk}\n\n{question}\n<|assistant|>\nthe Osven"
+    with pytest.raises(ValueError, match="line 1"):  # the answer kind is derived, never read from a file
+        parse_synthetic(json.dumps({"chunk_index": 0, "type": "answer", "text": "x"}))
+
+
 def test_window_examples_and_document_split() -> None:
     ddcd = window_example("ddcd", list(range(10, 30)), (1,), 0.25)
     assert ddcd.teacher_ids == (1, *range(10, 30)) and ddcd.student_ids == (1, *range(25, 30))
@@ -218,6 +249,23 @@ def test_window_examples_and_document_split() -> None:
     assert len(data.dev) == 1 and len(data.dev[0].teacher_ids) == 1 + 16
     head = data.source.tokens  # type: ignore[union-attr]
     assert len(head) == 80  # the last 20 tokens are held out for dev
+
+
+def test_ddcd_windows_put_targets_all_over_a_document_shorter_than_the_window() -> None:
+    import random
+
+    tokens = list(range(100, 160))
+    rng = random.Random(0)
+    ddcd = WindowSource(tokens, 2048, "ddcd", (1,), 0.25).draw(rng, 200)
+    targets = {t for ex in ddcd for t in ex.student_ids[-ex.target_len:]}
+    assert targets == set(tokens[6:]), "every token after the shortest window's (8 tokens) context is a target"
+    for ex in ddcd:  # each window is a stretch of the document ending at its target, with everything before it
+        window = list(ex.teacher_ids[1:])
+        assert window == tokens[:len(window)] and ex.student_ids[1:] == ex.teacher_ids[-ex.target_len:]
+    long = WindowSource(tokens, 16, "ddcd", (1,), 0.25).draw(rng, 600)
+    assert max(len(ex.teacher_ids) for ex in long) == 17 and {ex.teacher_ids[-1] for ex in long} >= set(tokens[20:])
+    lm = WindowSource(tokens, 2048, "lm", (1,), 0.25).draw(rng, 3)
+    assert all(ex.student_ids == (1, *tokens) for ex in lm), "LM trains the whole document every time"
 
 
 def test_sampler_state_round_trip_continues_the_same_batches() -> None:

@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines.prompts import CLOSED_BOOK_PROMPT
+
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
-PROMPTS = {"summary": SUMMARY_PROMPT, "qa": QA_PROMPT}
+PROMPTS = {"summary": SUMMARY_PROMPT, "qa": QA_PROMPT, "answer": CLOSED_BOOK_PROMPT}
 WINDOW_METHODS = ("ddcd", "lm")
 MIN_DOCUMENT_TOKENS = 8
 
@@ -46,16 +48,29 @@ class DcdExample:
 
 @dataclass(frozen=True)
 class SyntheticItem:
-    """One generated target for a chunk: a summary, or a QA pair already formatted as the trained target."""
+    """One generated target for a chunk: a summary, a QA pair already formatted as the trained target, or (kind
+    `answer`) the answer alone to its question asked as the server asks it closed book. A QA pair given as question
+    and answer keeps both, so that its answer target can be derived (`answer_items`)."""
 
     chunk_index: int
     kind: str
     target: str
+    question: str = ""
+    answer: str = ""
 
     @property
     def prompt(self) -> str:
         """The instruction the target answers."""
-        return PROMPTS[self.kind]
+        return PROMPTS[self.kind].format(question=self.question) if self.kind == "answer" else PROMPTS[self.kind]
+
+
+def answer_items(items: Sequence[SyntheticItem]) -> list[SyntheticItem]:
+    """For every QA pair with its parts known, the answer target: the student reads the question in the serving
+    closed-book prompt and the teacher reads it after the chunk, and the answer's tokens are distilled (the paper's
+    code has this answer-only kind beside summaries and QA pairs). A QA pair's own target is mostly the question
+    the student writes, its answer a few tokens at the end; here every distilled token is answer."""
+    return [SyntheticItem(item.chunk_index, "answer", item.answer, item.question, item.answer)
+            for item in items if item.kind == "qa" and item.question and item.answer.strip()]
 
 
 def qa_target(question: str, answer: str) -> str:
@@ -68,8 +83,9 @@ def _synthetic_item(record: Any) -> SyntheticItem:
         raise ValueError("each line must be an object with an integer chunk_index")
     kind = record.get("type")
     if kind == "qa" and "question" in record:
-        return SyntheticItem(record["chunk_index"], "qa", qa_target(str(record["question"]), str(record["answer"])))
-    if kind in PROMPTS and isinstance(record.get("text"), str):
+        question, answer = str(record["question"]), str(record["answer"])
+        return SyntheticItem(record["chunk_index"], "qa", qa_target(question, answer), question, answer)
+    if kind in ("summary", "qa") and isinstance(record.get("text"), str):
         return SyntheticItem(record["chunk_index"], kind, record["text"])
     raise ValueError(f"type must be 'summary' (with text) or 'qa' (with text or question+answer), got {kind!r}")
 
@@ -186,7 +202,18 @@ class WindowSource:
     target_fraction: float = 0.23
 
     def draw(self, rng: random.Random, count: int) -> list[DcdExample]:
-        """`count` windows at random offsets."""
+        """`count` windows at random places.
+
+        LM: windows of `window` tokens (the whole document when shorter) at random offsets. DDCD: a window ends at a
+        random token and reaches back at most `window` tokens; its last part is the target, so targets fall
+        anywhere in the document, its opening included, each with the context before it. A fixed width would give a
+        document shorter than the window the same example every time, the same last quarter as its only target.
+        """
+        if self.method == "ddcd":
+            first = min(len(self.tokens), MIN_DOCUMENT_TOKENS)
+            ends = [rng.randint(first, len(self.tokens)) for _ in range(count)]
+            return [window_example(self.method, self.tokens[max(0, e - self.window):e], self.bos,
+                                   self.target_fraction) for e in ends]
         width = min(self.window, len(self.tokens))
         starts = [rng.randrange(len(self.tokens) - width + 1) for _ in range(count)]
         return [window_example(self.method, self.tokens[s:s + width], self.bos, self.target_fraction) for s in starts]
@@ -243,8 +270,11 @@ def _dev_count(total: int, fraction: float, max_dev: int) -> int:
 
 def synthetic_data(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem], *,
                    dev_fraction: float, max_dev: int, seed: int, max_context_tokens: int,
-                   max_target_tokens: int) -> KmData:
-    """SDCD data: examples from synthetic items, a seeded `dev_fraction` of them held out as the dev set."""
+                   max_target_tokens: int, answer_targets: bool = False) -> KmData:
+    """SDCD data: examples from synthetic items (and, with `answer_targets`, each QA pair's answer target), a seeded
+    `dev_fraction` of them held out as the dev set."""
+    if answer_targets:
+        items = [*items, *answer_items(items)]
     examples = sdcd_examples(tokenizer, chunks, items, max_context_tokens=max_context_tokens,
                              max_target_tokens=max_target_tokens)
     if len(examples) < 2:

@@ -55,6 +55,8 @@ class TrainConfig:
     max_target_tokens: int = 768
     window: int = 2048
     target_fraction: float = 0.23
+    # SDCD: also distil each synthetic QA pair's answer to its question asked closed book (km_data.answer_items)
+    answer_targets: bool = False
     gradient_checkpointing: bool = False
     bf16: bool = True
     seed: int = 0

@@ -119,7 +119,8 @@ def build_data(store: AdapterStore, document: Document, tokenizer: Any, config: 
             return synthetic_data(tokenizer, chunks, items, dev_fraction=config.dev_fraction,
                                   max_dev=config.max_dev_examples, seed=config.seed,
                                   max_context_tokens=config.max_context_tokens,
-                                  max_target_tokens=config.max_target_tokens)
+                                  max_target_tokens=config.max_target_tokens,
+                                  answer_targets=config.answer_targets)
         text = store.get_blob(_required_uri(document, "text", document.text_uri)).decode("utf-8", "replace")
         return document_data(tokenizer, text, method=config.method, window=config.window,
                              target_fraction=config.target_fraction, dev_fraction=config.dev_fraction,
