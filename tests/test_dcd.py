@@ -27,12 +27,14 @@ from trainer_worker.km_data import (
     SUMMARY_PROMPT,
     DcdExample,
     ExampleDeck,
+    SyntheticItem,
     TrainSampler,
     WindowSource,
     answer_items,
     document_data,
     parse_synthetic,
     sdcd_example,
+    sdcd_examples,
     synthetic_data,
     window_example,
 )
@@ -189,6 +191,27 @@ def test_sdcd_example_puts_the_same_target_after_both_prompts(tiny_model_dir: Pa
     short = sdcd_example(tokenizer, "The river starts in the hills above the town.", QA_PROMPT, "one two three",
                          max_context_tokens=3, max_target_tokens=2)
     assert short.target_len == 2 and len(short.teacher_ids) < len(ex.teacher_ids) + 10
+
+
+def test_sdcd_examples_name_the_chunks_the_context_cuts_short(tiny_model_dir: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from engines.hf_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    chunks = {0: "The river starts in the hills.", 1: "The river starts in the hills above the old town. " * 4}
+    items = [SyntheticItem(index, "summary", "A river.") for index in (0, 1)]
+    limit = len(tokenizer("The river starts in the hills.", add_special_tokens=False)["input_ids"]) + 4
+    with caplog.at_level("WARNING", logger="trainer_worker.km_data"):
+        examples = sdcd_examples(tokenizer, chunks, items, max_context_tokens=limit, max_target_tokens=8)
+    assert len(examples) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"chunks [1] are longer than max_context_tokens={limit}: the teacher reads only their first {limit} tokens "
+        "(raise max_context_tokens or ingest smaller chunks)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer_worker.km_data"):
+        sdcd_examples(tokenizer, chunks, items, max_context_tokens=512, max_target_tokens=8)
+    assert caplog.records == []
+    assert profile_config("fast", {}).max_context_tokens >= 300  # a benchmark document (270-300 tokens) stays whole
 
 
 def test_parse_synthetic_reads_both_record_forms_and_names_bad_lines() -> None:

@@ -8,6 +8,7 @@ once and appended to both the teacher's and the student's prefix, so both sides 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.prompts import CLOSED_BOOK_PROMPT
+
+log = logging.getLogger(__name__)
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
@@ -28,6 +31,8 @@ MSG_BAD_LINE = "synthetic data line {line}: {detail}"
 MSG_NO_CHUNK = "synthetic data names chunk {index}, which is not among the document's training chunks"
 MSG_TOO_FEW = "{what}: need at least {need}, got {got}"
 MSG_METHOD = "method must be one of {choices}, got {value!r}"
+MSG_CONTEXT_CUT = ("chunks %s are longer than max_context_tokens=%d: the teacher reads only their first %d tokens "
+                   "(raise max_context_tokens or ingest smaller chunks)")
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ def sdcd_example(tokenizer: Any, chunk: str, prompt: str, target: str, *, max_co
 
 def sdcd_examples(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem], *,
                   max_context_tokens: int, max_target_tokens: int) -> list[DcdExample]:
-    """One example per synthetic item whose target is not empty."""
+    """One example per synthetic item whose target is not empty (a warning names the chunks the context cut short)."""
     examples = []
     for item in items:
         if item.chunk_index not in chunks:
@@ -143,6 +148,10 @@ def sdcd_examples(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[Syn
             continue
         examples.append(sdcd_example(tokenizer, chunks[item.chunk_index], item.prompt, item.target,
                                      max_context_tokens=max_context_tokens, max_target_tokens=max_target_tokens))
+    cut = sorted(i for i in {item.chunk_index for item in items}
+                 if len(encode(tokenizer, chunks[i])) > max_context_tokens)
+    if cut:
+        log.warning(MSG_CONTEXT_CUT, cut, max_context_tokens, max_context_tokens)
     return examples
 
 

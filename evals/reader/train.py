@@ -35,6 +35,7 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -503,33 +504,35 @@ def _induction_batch(rng: random.Random, pool: list[int], recipe: Recipe) -> lis
     return [formats.induction(rng, pool, recipe.induction_length) for _ in range(recipe.induction_batch)]
 
 
-def _recall_batch(rng: random.Random, gen: FactGenerator, tokenizer: Any,
-                  recipe: Recipe) -> list[tuple[list[int], list[int]]]:
-    """Dense recall sequences (every fact looked up) on line documents whose names share syllables."""
+def _fill(draw: Callable[[], tuple[list[int], list[int]]], budget: int) -> list[tuple[list[int], list[int]]]:
+    """Sequences from `draw` until one more would take the padded batch past `budget` tokens (at least one)."""
     items: list[tuple[list[int], list[int]]] = []
     longest = 0
     while True:
+        item = draw()
+        longest = max(longest, len(item[0]))
+        if items and longest * (len(items) + 1) > budget:
+            return items
+        items.append(item)
+
+
+def _recall_batch(rng: random.Random, gen: FactGenerator, tokenizer: Any,
+                  recipe: Recipe) -> list[tuple[list[int], list[int]]]:
+    """Dense recall sequences (every fact looked up) on line documents whose names share syllables."""
+
+    def draw() -> tuple[list[int], list[int]]:
         siblings = rng.random() < recipe.recall_siblings
         doc = gen.document("recall", rng.randint(max(1, recipe.max_facts // 2), recipe.max_facts), style="lines",
                            siblings=siblings, confusable=not siblings)
-        item = formats.encode(tokenizer, formats.recall(doc, rng), recipe.max_seq)
-        longest = max(longest, len(item[0]))
-        if items and longest * (len(items) + 1) > recipe.token_budget:
-            return items
-        items.append(item)
+        return formats.encode(tokenizer, formats.recall(doc, rng), recipe.max_seq)
+
+    return _fill(draw, recipe.token_budget)
 
 
 def _skill_batch(rng: random.Random, gen: FactGenerator, facts: int, tokenizer: Any, recipe: Recipe,
                  tasks: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
-    items: list[tuple[list[int], list[int]]] = []
-    longest = 0
-    while True:
-        task = rng.choices(tasks, weights=recipe.task_weights)[0]
-        item = sample_sequence(task, gen, facts, tokenizer, recipe)
-        longest = max(longest, len(item[0]))
-        if items and longest * (len(items) + 1) > recipe.token_budget:
-            return items
-        items.append(item)
+    return _fill(lambda: sample_sequence(rng.choices(tasks, weights=recipe.task_weights)[0], gen, facts, tokenizer,
+                                         recipe), recipe.token_budget)
 
 
 def _step(model: Any, optimizer: Any, items: list[tuple[list[int], list[int]]], tokenizer: Any,
