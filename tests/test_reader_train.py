@@ -256,6 +256,10 @@ def test_recall_batches_train_whole_name_lookups_within_the_token_budget(tmp_pat
     items = train._recall_batch(rng, gen, tokenizer, recipe)
     assert items and max(len(ids) for ids, _ in items) * len(items) <= recipe.token_budget
     assert all(any(label != -100 for label in labels) for _, labels in items)
+    sentences = train._recall_batch(rng, gen, tokenizer, replace(recipe, recall_sentences=1.0, value_first=1.0))
+    texts = [tokenizer.decode(ids) for ids, _ in sentences]
+    documents = [text.rsplit("\n\n", 1) for text in texts]  # the document, then its look-ups one per line
+    assert all(" | " not in doc and asked.count(" | ") == 2 * len(asked.splitlines()) for doc, asked in documents)
     log = train.train(recipe, tmp_path, log_every=1)
     assert [entry["step"] for entry in log["recall"]] == [0, 1] and not log["skills"]
     assert json.loads((tmp_path / "RECIPE.json").read_text())["recipe"]["recall_mix"] == 1.0

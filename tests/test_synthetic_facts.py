@@ -196,3 +196,10 @@ def test_recall_asks_every_fact_once_after_the_document_and_trains_only_the_valu
     lines = [f"{query}{value}" for query, value in zip(queries, values, strict=True)]
     assert sorted(lines) == sorted(doc.text.replace("\n\n", "\n").split("\n")) and lines != doc.text.split("\n")
     assert sorted(value.strip() for value in values) == sorted(fact.value for fact in doc.facts)
+    # a sentence document with value-first facts: the same look-ups, each value written before its name
+    doc = FactGenerator(8).document("recall", 14, siblings=True, value_first=1.0)
+    segments = formats.recall(doc, random.Random(2))
+    assert segments[1] == (doc.text + "\n\n", False) and "|" not in doc.text
+    asked = [(query, value.strip()) for (query, _), (value, _) in zip(segments[2::3], segments[3::3], strict=True)]
+    assert sorted(asked) == sorted((f"{f.entity} | {f.attribute} |", f.value) for f in doc.facts)
+    assert sum(f.value_first for f in doc.facts) > len(doc.facts) // 2  # (some attributes have no such sentence)

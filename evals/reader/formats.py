@@ -142,12 +142,14 @@ def encode(tokenizer: object, segments: Sequence[Segment], limit: int) -> tuple[
 
 
 def recall(doc: FactDocument, rng: random.Random) -> list[Segment]:
-    """A line-per-fact document, then every fact's record prefix again in a random order with its value trained.
+    """A document, then every fact's record prefix (`entity | attribute |`) in a random order with its value trained.
 
     Dense associative recall: every fact of the document is looked up once, so one sequence trains as many
     look-ups as it has facts. On documents whose names share their first syllables (siblings, look-alikes) only a
     match on the whole name (several tokens) finds the right line, which the sparse questions of the other formats
-    teach too rarely for the lookup to stop keying on a name's first token.
+    teach too rarely for the lookup to stop keying on a name's first token. On a line document the look-up copies
+    the rest of the matched line; on a sentence document with value-first facts ("Morsu is the capital of Kelka.")
+    it copies the words before the matched name, the harder look-up, as densely.
     """
     segments: list[Segment] = [(BOS, False), (doc.text + "\n\n", False)]
     for fact in rng.sample(doc.facts, k=len(doc.facts)):

@@ -89,6 +89,7 @@ class Recipe:
     followups: int = 12  # most closed-book questions after a document's first answer (at most one per fact)
     recall_mix: float = 0.0  # share of batches of dense recall (formats.recall) on documents of look-alike names
     recall_siblings: float = 0.5  # share of those documents with sibling names (the others look-alike names)
+    recall_sentences: float = 0.0  # share of recall documents in sentences (value first as `value_first` says)
 
 
 NAME = re.compile(rf"\b(?:{SYLLABLE_PATTERN})+\b", re.IGNORECASE)
@@ -518,12 +519,17 @@ def _fill(draw: Callable[[], tuple[list[int], list[int]]], budget: int) -> list[
 
 def _recall_batch(rng: random.Random, gen: FactGenerator, tokenizer: Any,
                   recipe: Recipe) -> list[tuple[list[int], list[int]]]:
-    """Dense recall sequences (every fact looked up) on line documents whose names share syllables."""
+    """Dense recall sequences (every fact looked up) on documents whose names share syllables: line documents, and
+    (`recall_sentences`) sentence documents, where a value-first fact's value is copied from before the match."""
 
     def draw() -> tuple[list[int], list[int]]:
         siblings = rng.random() < recipe.recall_siblings
-        doc = gen.document("recall", rng.randint(max(1, recipe.max_facts // 2), recipe.max_facts), style="lines",
-                           siblings=siblings, confusable=not siblings)
+        facts = rng.randint(max(1, recipe.max_facts // 2), recipe.max_facts)
+        if recipe.recall_sentences and rng.random() < recipe.recall_sentences:
+            doc = gen.document("recall", facts, siblings=siblings, confusable=not siblings,
+                               value_first=recipe.value_first)
+        else:
+            doc = gen.document("recall", facts, style="lines", siblings=siblings, confusable=not siblings)
         return formats.encode(tokenizer, formats.recall(doc, rng), recipe.max_seq)
 
     return _fill(draw, recipe.token_budget)
@@ -615,6 +621,9 @@ def main() -> None:
                              "then every fact's record prefix with its value (whole-name matching).")
     parser.add_argument("--recall-siblings", type=float, default=Recipe.recall_siblings,
                         help="Share of the recall documents with sibling names (the others: look-alike names).")
+    parser.add_argument("--recall-sentences", type=float, default=Recipe.recall_sentences,
+                        help="Share of the recall documents written in sentences (value first as --value-first "
+                             "says): dense look-ups that copy a value from before the matched name.")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--task-weights", type=str, default=",".join(map(str, Recipe.task_weights)),
                         help=f"Comma-separated weights of {', '.join(formats.TASKS)}.")
@@ -631,7 +640,8 @@ def main() -> None:
                     value_first=args.value_first, layers=args.layers, confusable=args.confusable,
                     heads=args.heads, siblings=args.siblings, data_seed=args.data_seed,
                     hidden_size=args.hidden, intermediate_size=args.intermediate, recall_mix=args.recall_mix,
-                    recall_siblings=args.recall_siblings, followups=args.followups, max_seq=args.max_seq)
+                    recall_siblings=args.recall_siblings, recall_sentences=args.recall_sentences,
+                    followups=args.followups, max_seq=args.max_seq)
     train(recipe, args.out, init_from=args.init_from)
 
 
