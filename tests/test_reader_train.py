@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from evals.reader import train
 from evals.synthetic_facts import FactGenerator
@@ -270,3 +271,21 @@ def test_recall_batches_train_whole_name_lookups_within_the_token_budget(tmp_pat
                  for _ in range(5)]
         turns = [tokenizer.decode(ids).count("<|assistant|>") - 1 for ids, _ in asked]
         assert max(turns) <= followups and min(turns) >= min(followups, 8) // 2, turns
+
+
+def test_a_moving_average_of_the_weights_is_what_is_saved(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    recipe = replace(SMALL, induction_steps=0, recall_mix=0.3)
+    raw = {}
+    for steps in (1, 2):  # the same stream and warmup learning rates: the first steps of one trajectory
+        train.train(replace(recipe, steps=steps), tmp_path / f"raw{steps}")
+        raw[steps] = load_file(tmp_path / f"raw{steps}" / "model.safetensors")
+    train.train(replace(recipe, steps=2, ema=0.5), tmp_path / "ema")
+    averaged = load_file(tmp_path / "ema" / "model.safetensors")
+    assert json.loads((tmp_path / "ema" / "RECIPE.json").read_text())["recipe"]["ema"] == 0.5
+    assert set(averaged) == set(raw[2])
+    moved = [name for name in averaged if not torch.equal(raw[1][name], raw[2][name])]
+    assert moved
+    for name in averaged:  # the first update copies, the second mixes half and half
+        assert torch.allclose(averaged[name], 0.5 * raw[1][name] + 0.5 * raw[2][name], atol=1e-6), name
