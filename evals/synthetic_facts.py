@@ -175,7 +175,8 @@ class FactGenerator:
 
     def document(self, doc_id: str, n_facts: int, *, sentence_templates: slice = slice(None),
                  style: str = "sentences", shared_attributes: bool = False,
-                 value_first: float = 0.0, confusable: bool = False, siblings: bool = False) -> FactDocument:
+                 value_first: float = 0.0, confusable: bool = False, siblings: bool = False,
+                 name_valued: bool = False) -> FactDocument:
         """A document of exactly `n_facts` facts about several entities, with both question families.
 
         `style="lines"` writes each fact as a record line, `entity | attribute | value`: the reader learns to look
@@ -188,15 +189,20 @@ class FactGenerator:
         the whole name, and a value is copied to its end, not continued from a look-alike.
         `siblings` gives the entities' names one of two first syllables, and some names are another one's with a
         syllable added ("Resu", "Resutor"): a lookup that matches a name by its first token finds the wrong entity.
+        `name_valued` gives every entity all the attributes whose values are invented names (NAME_VALUED: capital,
+        founder, partner, river), so several sentences about an entity put a name next to its name ("Dure is the
+        capital of Vensel. Sello Quivosu founded Vensel."): only a reader that also matches the attribute answers.
         """
         self._used = set()  # names are unique within a document; documents are independent worlds
         self._syllables = self.rng.sample(SYLLABLES, k=CONFUSABLE_SYLLABLES) if confusable else SYLLABLES
         heads = self.rng.sample(SYLLABLES, k=2) if siblings else []
         facts: list[Fact] = []
         shared = self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(2, 4)) if shared_attributes else []
+        if name_valued:
+            shared = list(NAME_VALUED)
         while len(facts) < n_facts:
             entity = self.sibling_name(heads, [f.entity for f in facts]) if siblings else self.name()
-            attributes = (self.rng.sample(shared, k=len(shared)) if shared_attributes
+            attributes = (self.rng.sample(shared, k=len(shared)) if shared
                           else self.rng.sample(sorted(ATTRIBUTES), k=self.rng.randint(3, 6)))
             for attribute in attributes[: n_facts - len(facts)]:
                 kind, sentences, _, _ = ATTRIBUTES[attribute]
@@ -217,6 +223,10 @@ class FactGenerator:
             for family, templates in zip(QUESTION_FAMILIES, (standard, paraphrase), strict=True):
                 template = self.rng.choice(templates)
                 yield Question(template.format(e=fact.entity), fact.value, family, index)
+
+
+# The attributes whose values are invented names, like the entities' own.
+NAME_VALUED = tuple(name for name, (kind, *_) in ATTRIBUTES.items() if kind in ("place", "person", "land"))
 
 
 def first_syllable(name: str) -> str:

@@ -289,3 +289,19 @@ def test_a_moving_average_of_the_weights_is_what_is_saved(tmp_path: Path) -> Non
     assert moved
     for name in averaged:  # the first update copies, the second mixes half and half
         assert torch.allclose(averaged[name], 0.5 * raw[1][name] + 0.5 * raw[2][name], atol=1e-6), name
+
+
+def test_name_valued_share_reaches_the_documents(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    class Recording(FactGenerator):
+        def document(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            doc = super().document(*args, **kwargs)
+            if args[0] == "train":
+                drawn.append(kwargs["name_valued"])
+            return doc
+
+    for share in (0.0, 0.5, 1.0):
+        drawn: list[bool] = []
+        gen = Recording(5)
+        for _ in range(40):
+            train.sample_sequence("icl", gen, 12, tokenizer, replace(SMALL, name_valued=share))
+        assert abs(sum(drawn) / len(drawn) - share) <= 0.2, (share, sum(drawn))

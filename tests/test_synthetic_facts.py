@@ -11,6 +11,7 @@ from evals.reader import formats
 from evals.synthetic_facts import (
     ATTRIBUTES,
     CONFUSABLE_SYLLABLES,
+    NAME_VALUED,
     SYLLABLE,
     SYLLABLES,
     FactGenerator,
@@ -146,6 +147,19 @@ def test_shared_attributes_make_the_entity_the_only_key() -> None:
     # off by default, and then the seeded stream is untouched: a seed gives the documents it always gave
     assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, shared_attributes=False)
     assert generate_documents(2, 7, min_facts=4, max_facts=6)[0].facts[0].entity == "Shara"
+
+
+def test_name_valued_documents_put_several_names_next_to_each_entity() -> None:
+    assert sorted(NAME_VALUED) == ["capital", "founder", "partner", "river"]
+    doc = FactGenerator(8).document("named", 17, name_valued=True, value_first=1.0)
+    by_entity: dict[str, list[str]] = {}
+    for fact in doc.facts:
+        by_entity.setdefault(fact.entity, []).append(fact.attribute)
+    assert len(by_entity) == 5 and all(sorted(a) == sorted(NAME_VALUED) for a in list(by_entity.values())[:4])
+    assert len({tuple(a) for a in by_entity.values()}) > 1, "each entity lists them in its own order"
+    # capital and founder both written value first: a name before the entity's name, told apart by the words between
+    assert all(f.value_first for f in doc.facts if f.attribute in ("capital", "founder"))
+    assert FactGenerator(8).document("d", 12) == FactGenerator(8).document("d", 12, name_valued=False)
 
 
 def test_confusable_documents_draw_every_name_from_a_few_syllables() -> None:

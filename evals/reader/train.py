@@ -90,6 +90,7 @@ class Recipe:
     recall_mix: float = 0.0  # share of batches of dense recall (formats.recall) on documents of look-alike names
     recall_siblings: float = 0.5  # share of those documents with sibling names (the others look-alike names)
     recall_sentences: float = 0.0  # share of recall documents in sentences (value first as `value_first` says)
+    name_valued: float = 0.0  # share of documents whose entities all have every name-valued attribute
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is then what is saved (0: off)
 
 
@@ -292,8 +293,9 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
     shared = recipe.shared_attributes > 0 and rng.random() < recipe.shared_attributes
     confusable = recipe.confusable > 0 and rng.random() < recipe.confusable
     siblings = recipe.siblings > 0 and rng.random() < recipe.siblings
+    named = recipe.name_valued > 0 and rng.random() < recipe.name_valued
     doc = gen.document("train", facts, style=style, shared_attributes=shared, value_first=recipe.value_first,
-                       confusable=confusable, siblings=siblings)
+                       confusable=confusable, siblings=siblings, name_valued=named)
     if style == "lines" and recipe.record_queries:
         doc = formats.record_queries(doc, rng, recipe.record_queries)
     extra = rng.randint(min(recipe.followups, facts) // 2, min(recipe.followups, facts))
@@ -634,6 +636,9 @@ def main() -> None:
     parser.add_argument("--recall-sentences", type=float, default=Recipe.recall_sentences,
                         help="Share of the recall documents written in sentences (value first as --value-first "
                              "says): dense look-ups that copy a value from before the matched name.")
+    parser.add_argument("--name-valued", type=float, default=Recipe.name_valued,
+                        help="Share of documents whose entities all have every attribute valued by a name (capital, "
+                             "founder, partner, river): a look-up must match the attribute as well as the entity.")
     parser.add_argument("--ema", type=float, default=Recipe.ema,
                         help="Save an exponential moving average of the weights with this decay (e.g. 0.995).")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
@@ -653,7 +658,8 @@ def main() -> None:
                     heads=args.heads, siblings=args.siblings, data_seed=args.data_seed,
                     hidden_size=args.hidden, intermediate_size=args.intermediate, recall_mix=args.recall_mix,
                     recall_siblings=args.recall_siblings, recall_sentences=args.recall_sentences,
-                    followups=args.followups, max_seq=args.max_seq, ema=args.ema)
+                    followups=args.followups, max_seq=args.max_seq, ema=args.ema,
+                    name_valued=args.name_valued)
     train(recipe, args.out, init_from=args.init_from)
 
 
