@@ -241,6 +241,16 @@ def shares_first_syllable(doc: FactDocument, entity: str) -> bool:
     return any(first_syllable(f.entity) == first for f in doc.facts if f.entity != entity)
 
 
+def sentence_template(fact: Fact) -> str:
+    """The template a fact's sentence was written from, `{e}` and `{v}` in place of entity and value (a record
+    line's is `{e} | attribute | {v}`)."""
+    _, sentences, _, _ = ATTRIBUTES[fact.attribute]
+    for template in (*sentences, f"{{e}} | {fact.attribute} | {{v}}"):
+        if template.format(e=fact.entity, v=fact.value) == fact.sentence:
+            return template
+    raise ValueError(f"no template of {fact.attribute!r} writes {fact.sentence!r}")
+
+
 def is_value_first(template: str) -> bool:
     """Whether a sentence template names the value before the entity."""
     return template.index("{v}") < template.index("{e}")

@@ -145,7 +145,7 @@ def test_the_lookup_diagnostics_ask_record_prefixes_on_shared_attribute_document
 
 def test_held_out_scores_split_out_the_entities_whose_names_start_alike() -> None:
     from evals.reader.evaluate import evaluate, load
-    from evals.synthetic_facts import shares_first_syllable
+    from evals.synthetic_facts import sentence_template, shares_first_syllable
 
     model, tokenizer = load(Path(train.__file__).parent / "warm_start", threads=1)
     siblings = FactGenerator(11).document("siblings", 8, siblings=True)
@@ -154,6 +154,12 @@ def test_held_out_scores_split_out_the_entities_whose_names_start_alike() -> Non
     alike = sum(shares_first_syllable(doc, f.entity) for doc in (siblings, plain) for f in doc.facts)
     assert score.first_syllable_shared_questions == alike >= 8, "every sibling document's entity counts"
     assert score.questions == 16 and 0.0 <= score.first_syllable_shared <= 1.0
+    # the misses located by sentence form: every standard question counted once under its fact's template
+    assert sum(asked for _, asked in score.templates.values()) == 16
+    assert all(0 <= right <= asked for right, asked in score.templates.values())
+    rates = [right / asked for right, asked in score.templates.values()]
+    assert rates == sorted(rates), "weakest first"
+    assert set(score.templates) <= {sentence_template(f) for doc in (siblings, plain) for f in doc.facts}
 
 
 def test_grown_weights_compute_what_the_shallower_model_did(word_tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ from evals.synthetic_facts import (
     first_syllable,
     generate_documents,
     is_value_first,
+    sentence_template,
     shares_first_syllable,
 )
 from trainer_worker.qa_parsing import parse_qa
@@ -217,3 +218,13 @@ def test_recall_asks_every_fact_once_after_the_document_and_trains_only_the_valu
     asked = [(query, value.strip()) for (query, _), (value, _) in zip(segments[2::3], segments[3::3], strict=True)]
     assert sorted(asked) == sorted((f"{f.entity} | {f.attribute} |", f.value) for f in doc.facts)
     assert sum(f.value_first for f in doc.facts) > len(doc.facts) // 2  # (some attributes have no such sentence)
+
+
+def test_a_facts_template_is_the_one_its_sentence_was_written_from() -> None:
+    for style in ("sentences", "lines"):
+        doc = FactGenerator(21).document("t", 40, style=style, value_first=0.5)
+        for fact in doc.facts:
+            template = sentence_template(fact)
+            assert template.format(e=fact.entity, v=fact.value) == fact.sentence
+            assert template in ATTRIBUTES[fact.attribute][1] or template == f"{{e}} | {fact.attribute} | {{v}}"
+            assert is_value_first(template) == fact.value_first

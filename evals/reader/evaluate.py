@@ -14,14 +14,14 @@ import argparse
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engines.prompts import reader_prompt
 from evals.metrics import exact_match
 from evals.reader.formats import record_queries
-from evals.synthetic_facts import FactDocument, generate_documents, shares_first_syllable
+from evals.synthetic_facts import FactDocument, generate_documents, sentence_template, shares_first_syllable
 
 HELD_OUT_SEED = 900_001
 
@@ -32,7 +32,7 @@ class ReaderScore:
     which the fact's sentence names entity and value (value first is the harder lookup: "Morsu is the capital of
     Kelka." answers "What is the capital of Kelka?" with the words before the match), and by whether the entity's
     name starts like another entity's of its document ("Resu", "Resutor"; a lookup keyed on the name's first token
-    fails there)."""
+    fails there). `templates` locates the misses by sentence form."""
 
     documents: int
     questions: int
@@ -42,6 +42,8 @@ class ReaderScore:
     value_first: float
     first_syllable_shared: float
     first_syllable_shared_questions: int
+    # standard questions by the template of the fact's sentence ("{v} founded {e}."): [right, asked]
+    templates: dict[str, list[int]] = field(default_factory=dict)
 
 
 def load(model_dir: Path | str, threads: int = 2) -> tuple[Any, Any]:
@@ -73,6 +75,7 @@ def evaluate(model: Any, tokenizer: Any, documents: Sequence[FactDocument], batc
     """Exact match of every question (of the given families) of every document, document in context."""
     hits: dict[str, list[float]] = {"standard": [], "paraphrase": [], "entity_first": [], "value_first": [],
                                     "first_syllable_shared": []}
+    templates: dict[str, list[int]] = {}
     for doc in documents:
         questions = [q for q in doc.questions if q.family in families]
         for start in range(0, len(questions), batch):
@@ -86,10 +89,14 @@ def evaluate(model: Any, tokenizer: Any, documents: Sequence[FactDocument], batc
                     hits["value_first" if fact.value_first else "entity_first"].append(hit)
                     if shares_first_syllable(doc, fact.entity):
                         hits["first_syllable_shared"].append(hit)
+                    tally = templates.setdefault(sentence_template(fact), [0, 0])
+                    tally[0] += int(hit)
+                    tally[1] += 1
     mean = {k: sum(v) / len(v) if v else 0.0 for k, v in hits.items()}
     return ReaderScore(len(documents), len(hits["standard"]) + len(hits["paraphrase"]), mean["standard"],
                        mean["paraphrase"], mean["entity_first"], mean["value_first"], mean["first_syllable_shared"],
-                       len(hits["first_syllable_shared"]))
+                       len(hits["first_syllable_shared"]),
+                       dict(sorted(templates.items(), key=lambda item: (item[1][0] / item[1][1], item[0]))))
 
 
 def main() -> None:
