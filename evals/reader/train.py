@@ -648,6 +648,8 @@ def main() -> None:
     weights = tuple(float(w) for w in args.task_weights.split(","))
     if len(weights) != len(formats.TASKS):
         parser.error(f"--task-weights needs {len(formats.TASKS)} numbers")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema is a decay in [0, 1) (0: off), got {args.ema}")
     recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed,
                     start_facts=args.start_facts, max_facts=args.max_facts, line_docs=args.line_docs,
                     record_queries=args.record_queries, shared_attributes=args.shared_attributes,
