@@ -12,6 +12,8 @@ Everything here runs on the engine's single worker thread; only `cancel` is call
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,15 @@ if TYPE_CHECKING:
     import torch
 
 ForwardFn = Callable[[dict[str, Any], list[str]], "torch.Tensor"]
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The forward() keyword of the KV cache: recent transformers call it `cache` (`past_key_values` still works
+    there, with a warning, until 5.40); earlier 5.x releases know only `past_key_values`."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +118,7 @@ class BatchDecoder:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
             logits = self._forward({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                    "past_key_values": cache})
+                                    cache_keyword(): cache})
             self._state = {"mask": mask, "next_pos": positions[:, -1] + 1, "cache": cache}
             return self._advance(logits)
 
@@ -123,7 +134,7 @@ class BatchDecoder:
             ids = torch.tensor(self._last, dtype=torch.long, device=self._device)[:, None]
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((len(self._live), 1))], dim=1)
             logits = self._forward({"input_ids": ids, "attention_mask": state["mask"],
-                                    "position_ids": state["next_pos"][:, None], "past_key_values": state["cache"]})
+                                    "position_ids": state["next_pos"][:, None], cache_keyword(): state["cache"]})
             state["next_pos"] = state["next_pos"] + 1
             return self._advance(logits)
 

@@ -20,7 +20,7 @@ from engines.errors import (
     InvalidRequestError,
     InvalidSamplingParamsError,
 )
-from engines.hf_batching import BatchDecoder, RowSpec
+from engines.hf_batching import BatchDecoder, RowSpec, cache_keyword
 from registry.config import Settings
 
 EOS = 2
@@ -116,7 +116,7 @@ class FakeForward:
         self.calls: list[tuple[dict[str, Any], list[str]]] = []
 
     def __call__(self, batch: dict[str, Any], names: list[str]) -> torch.Tensor:
-        self.calls.append(({k: v for k, v in batch.items() if k != "past_key_values"}, names))
+        self.calls.append(({k: v for k, v in batch.items() if k != cache_keyword()}, names))
         logits = torch.zeros(batch["input_ids"].shape[0], self.vocab)
         logits[:, EOS], logits[:, 5] = 10.0, 5.0
         return logits
@@ -152,6 +152,33 @@ def test_batch_decoder_left_pads_and_counts_positions_per_row() -> None:
     assert [c[1] for c in forward.calls] == [["a", "b"], ["b"], ["b"]]
     assert [e.finish_reason for e in events[0]] == ["length"]
     assert events[1][-1].completion_tokens == 3
+
+
+def test_batch_decoder_on_a_real_model_reuses_its_cache_under_the_current_keyword() -> None:
+    import warnings
+
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    prompts = [[1, 5, 9, 4], [1, 7]]
+
+    def forward(batch: dict[str, Any], names: list[str]) -> torch.Tensor:
+        return model(**batch, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+
+    rows = [RowSpec(p, "base", SamplingParams(max_tokens=6, ignore_eos=True)) for p in prompts]
+    batch = BatchDecoder(rows, forward, lambda ids: " ".join(map(str, ids)), pad_id=0, eos_ids=frozenset({EOS}),
+                         device=torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated keyword would warn here
+        events = drain(batch)
+    for row, prompt in enumerate(prompts):
+        # the same greedy tokens as a whole forward over the growing sequence each time (no cache at all)
+        ids = list(prompt)
+        for _ in range(6):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        text = "".join(event.delta for event in events[row])
+        assert text.split() == [str(i) for i in ids[len(prompt):]], row
 
 
 def test_batch_decoder_min_tokens_then_eos() -> None:
