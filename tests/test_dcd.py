@@ -34,7 +34,6 @@ from trainer_worker.km_data import (
     document_data,
     parse_synthetic,
     sdcd_example,
-    sdcd_examples,
     synthetic_data,
     window_example,
 )
@@ -193,23 +192,24 @@ def test_sdcd_example_puts_the_same_target_after_both_prompts(tiny_model_dir: Pa
     assert short.target_len == 2 and len(short.teacher_ids) < len(ex.teacher_ids) + 10
 
 
-def test_sdcd_examples_name_the_chunks_the_context_cuts_short(tiny_model_dir: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_sdcd_data_names_the_chunks_the_context_cuts_short(tiny_model_dir: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     from engines.hf_loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     chunks = {0: "The river starts in the hills.", 1: "The river starts in the hills above the old town. " * 4}
-    items = [SyntheticItem(index, "summary", "A river.") for index in (0, 1)]
+    items = [SyntheticItem(index, "summary", f"A river {n}.") for index in (0, 1) for n in range(2)]
     limit = len(tokenizer("The river starts in the hills.", add_special_tokens=False)["input_ids"]) + 4
+    kwargs: dict[str, Any] = {"dev_fraction": 0.25, "max_dev": 1, "seed": 0, "max_target_tokens": 8}
     with caplog.at_level("WARNING", logger="trainer_worker.km_data"):
-        examples = sdcd_examples(tokenizer, chunks, items, max_context_tokens=limit, max_target_tokens=8)
-    assert len(examples) == 2
-    assert [r.getMessage() for r in caplog.records] == [
-        f"chunks [1] are longer than max_context_tokens={limit}: the teacher reads only their first {limit} tokens "
-        "(raise max_context_tokens or ingest smaller chunks)"]
+        data = synthetic_data(tokenizer, chunks, items, max_context_tokens=limit, **kwargs)
+    note = (f"chunks [1] are longer than max_context_tokens={limit}: the teacher reads only their first {limit} "
+            "tokens (raise max_context_tokens or ingest smaller chunks)")
+    assert data.notes == (note,) and [r.getMessage() for r in caplog.records] == [note]
+    assert len(data.dev) + len(data.source.examples) == 4  # type: ignore[attr-defined]
     caplog.clear()
     with caplog.at_level("WARNING", logger="trainer_worker.km_data"):
-        sdcd_examples(tokenizer, chunks, items, max_context_tokens=512, max_target_tokens=8)
+        assert synthetic_data(tokenizer, chunks, items, max_context_tokens=512, **kwargs).notes == ()
     assert caplog.records == []
     assert profile_config("fast", {}).max_context_tokens >= 300  # a benchmark document (270-300 tokens) stays whole
 

@@ -231,6 +231,12 @@ def test_handler_registers_km_versions_and_moves_the_alias(registry: Registry, t
         assert resolve_alias(session, lineage).id == second["adapter_id"] != adapter.id
         assert get_version(session, lineage, 2).config["method"] == "ddcd"
     assert second["version"] == 2 and second["steps"] == 4
+    # a chunk longer than the teacher's context: the job says so in its events
+    cut = start_job(registry, document_id, {"train": {"method": "sdcd", "steps": 2, "rank": 4,
+                                                      "max_context_tokens": 4}})
+    run(cut)
+    messages = [e.data.get("message") or "" for e in registry.queue.events_since(cut.job.id) if e.type == "progress"]
+    assert any("longer than max_context_tokens=4" in m and m.startswith("training sdcd") for m in messages), messages
 
 
 def test_cancel_between_steps_stops_without_registering(registry: Registry, tiny: tuple[Any, Any]) -> None:

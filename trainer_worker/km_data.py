@@ -139,7 +139,7 @@ def sdcd_example(tokenizer: Any, chunk: str, prompt: str, target: str, *, max_co
 
 def sdcd_examples(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem], *,
                   max_context_tokens: int, max_target_tokens: int) -> list[DcdExample]:
-    """One example per synthetic item whose target is not empty (a warning names the chunks the context cut short)."""
+    """One example per synthetic item whose target is not empty."""
     examples = []
     for item in items:
         if item.chunk_index not in chunks:
@@ -148,11 +148,16 @@ def sdcd_examples(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[Syn
             continue
         examples.append(sdcd_example(tokenizer, chunks[item.chunk_index], item.prompt, item.target,
                                      max_context_tokens=max_context_tokens, max_target_tokens=max_target_tokens))
-    cut = sorted(i for i in {item.chunk_index for item in items}
-                 if len(encode(tokenizer, chunks[i])) > max_context_tokens)
-    if cut:
-        log.warning(MSG_CONTEXT_CUT, cut, max_context_tokens, max_context_tokens)
     return examples
+
+
+def context_cut_note(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem],
+                     max_context_tokens: int) -> str | None:
+    """A note naming the chunks (of those the items use) longer than the teacher's context, which reads only their
+    first `max_context_tokens` tokens; None when every chunk fits."""
+    cut = sorted(i for i in {item.chunk_index for item in items}
+                 if i in chunks and len(encode(tokenizer, chunks[i])) > max_context_tokens)
+    return MSG_CONTEXT_CUT % (cut, max_context_tokens, max_context_tokens) if cut else None
 
 
 def _bos(tokenizer: Any) -> tuple[int, ...]:
@@ -267,6 +272,7 @@ class KmData:
 
     source: Source
     dev: list[DcdExample] = field(default_factory=list)
+    notes: tuple[str, ...] = ()  # what the job should tell its user about the data (a context cut short)
 
     def sampler(self, seed: int) -> TrainSampler:
         """A sampler over the training source."""
@@ -292,7 +298,10 @@ def synthetic_data(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[Sy
     random.Random(seed).shuffle(order)
     n_dev = min(_dev_count(len(examples), dev_fraction, max_dev), len(examples) - 1)
     dev = [examples[i] for i in sorted(order[:n_dev])]
-    return KmData(ExampleDeck([examples[i] for i in sorted(order[n_dev:])]), dev)
+    note = context_cut_note(tokenizer, chunks, items, max_context_tokens)
+    if note:
+        log.warning(note)
+    return KmData(ExampleDeck([examples[i] for i in sorted(order[n_dev:])]), dev, (note,) if note else ())
 
 
 def document_data(tokenizer: Any, text: str, *, method: str, window: int, target_fraction: float,

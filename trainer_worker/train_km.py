@@ -247,7 +247,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     model_id = resolve_base_model(ctx.settings)
     base, tokenizer = base_model(model_id)
     data = build_data(ctx.store, document, tokenizer, config, ctx.payload.get("synthetic_key"))
-    ctx.report(0.0, f"training {config.method} ({profile} profile, {config.steps} steps)")
+    ctx.report(0.0, "; ".join([f"training {config.method} ({profile} profile, {config.steps} steps)", *data.notes]))
     outcome = train(ctx, base, tokenizer, data, config, model_id)
     adapter_id, version, metrics = publish(ctx, document, outcome, config, profile)
     remove_checkpoints(ctx.checkpoint_dir)
