@@ -34,6 +34,7 @@ from trainer_worker.km_data import (
     document_data,
     parse_synthetic,
     sdcd_example,
+    sdcd_examples,
     synthetic_data,
     window_example,
 )
@@ -190,6 +191,37 @@ def test_sdcd_example_puts_the_same_target_after_both_prompts(tiny_model_dir: Pa
     short = sdcd_example(tokenizer, "The river starts in the hills above the town.", QA_PROMPT, "one two three",
                          max_context_tokens=3, max_target_tokens=2)
     assert short.target_len == 2 and len(short.teacher_ids) < len(ex.teacher_ids) + 10
+
+
+def test_sdcd_examples_encode_each_chunk_once_and_match_one_by_one_examples(tiny_model_dir: Path) -> None:
+    from engines.hf_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    chunks = {0: "The river starts in the hills.", 3: "The old town lies on the river above the hills. " * 4}
+    items = [SyntheticItem(index, kind, target) for index in (3, 0) for kind in ("summary", "qa")
+             for target in ("A river.", "one two three four five", "")]
+    encoded: list[str] = []
+
+    class Counting:  # the tokenizer, recording every text it encodes
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def __call__(self, text: str, **kwargs: Any) -> Any:
+            encoded.append(text)
+            return tokenizer(text, **kwargs)
+
+        def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+            encoded.append(messages[0]["content"])
+            return tokenizer.apply_chat_template(messages, **kwargs)
+
+    limits = {"max_context_tokens": 12, "max_target_tokens": 3}
+    examples = sdcd_examples(Counting(), chunks, items, **limits)
+    assert examples == [sdcd_example(tokenizer, chunks[i.chunk_index], i.prompt, i.target, **limits)
+                        for i in items if i.target]
+    # per chunk: its tokens once (to fit the context), then one teacher prompt per prompt kind
+    assert [sum(text.startswith(chunks[i][:20]) for text in encoded) for i in (3, 0)] == [3, 3]
+    with pytest.raises(ValueError, match="chunk 7"):
+        sdcd_examples(tokenizer, chunks, [*items, SyntheticItem(7, "summary", "x")], **limits)
 
 
 def test_sdcd_data_names_the_chunks_the_context_cuts_short(tiny_model_dir: Path,

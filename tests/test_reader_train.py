@@ -311,3 +311,40 @@ def test_name_valued_share_reaches_the_documents(tokenizer) -> None:  # type: ig
         for _ in range(40):
             train.sample_sequence("icl", gen, 12, tokenizer, replace(SMALL, name_valued=share))
         assert abs(sum(drawn) / len(drawn) - share) <= 0.2, (share, sum(drawn))
+
+
+def test_backward_lookups_ask_each_sentence_by_its_end_and_train_the_name_before_it(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    from evals.reader import formats
+
+    marks = train.backward_marks(tokenizer)
+    stop, ask, newline, eos = marks
+    assert tokenizer.convert_ids_to_tokens([stop, ask]) == [".", "?"] and eos == tokenizer.eos_token_id
+    pool = [i for i in range(10, 200) if i not in marks]
+    rng = random.Random(4)
+    for facts in (4, 9, 16):
+        ids, labels = formats.backward(rng, pool, marks, facts)
+        assert len(ids) == len(labels)
+        document = ids[:ids.index(newline)]
+        stops = [k for k, t in enumerate(document) if t == stop]
+        sentences = [document[i + 1:j] for i, j in zip([-1, *stops], stops, strict=False)]
+        assert 4 <= len(sentences) <= facts  # at least two entities under two relations each
+        asked = 0
+        at = ids.index(newline) + 1
+        while at < len(ids):  # "\n relation entity ? value EOS", the value and EOS alone trained
+            assert ids[at] == newline and labels[at] == -100
+            end = ids.index(eos, at)
+            query, value = ids[at + 1:ids.index(ask, at)], ids[ids.index(ask, at) + 1:end]
+            assert all(label == -100 for label in labels[at:ids.index(ask, at) + 1])
+            assert labels[ids.index(ask, at) + 1:end + 1] == [*value, eos]
+            matching = [s for s in sentences if s[-len(query):] == query]
+            assert [s[:-len(query)] for s in matching] == [value]  # the end finds one sentence; its start is the answer
+            asked += 1
+            at = end + 1
+        assert asked == len(sentences)
+    recipe = replace(SMALL, backward_mix=1.0, induction_mix=0.0, induction_steps=0, steps=2)
+    log = train.train(recipe, tmp_path, log_every=1)
+    assert [entry["step"] for entry in log["backward"]] == [0, 1] and not log["skills"] and not log["recall"]
+    assert all(0.0 <= entry["em"] <= 1.0 for entry in log["backward"])
+    assert json.loads((tmp_path / "RECIPE.json").read_text())["recipe"]["backward_mix"] == 1.0

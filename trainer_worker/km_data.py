@@ -125,29 +125,52 @@ def chat_prefix(tokenizer: Any, content: str) -> list[int]:
     return [int(i) for i in tokenizer(content + "\n", add_special_tokens=True)["input_ids"]]
 
 
+def fit_context(tokenizer: Any, chunk: str, max_context_tokens: int) -> str:
+    """The chunk as the teacher reads it: its first `max_context_tokens` tokens."""
+    context_ids = encode(tokenizer, chunk)
+    return tokenizer.decode(context_ids[:max_context_tokens]) if len(context_ids) > max_context_tokens else chunk
+
+
 def sdcd_example(tokenizer: Any, chunk: str, prompt: str, target: str, *, max_context_tokens: int,
                  max_target_tokens: int) -> DcdExample:
-    """Teacher = chat(chunk + "\\n\\n" + prompt) + target, student = chat(prompt) + target."""
-    context_ids = encode(tokenizer, chunk)
-    if len(context_ids) > max_context_tokens:
-        chunk = tokenizer.decode(context_ids[:max_context_tokens])
-    target_ids = tuple(encode(tokenizer, target)[:max_target_tokens])
-    teacher = tuple(chat_prefix(tokenizer, chunk + "\n\n" + prompt)) + target_ids
-    student = tuple(chat_prefix(tokenizer, prompt)) + target_ids
-    return DcdExample(teacher, student, len(target_ids))
+    """Teacher = chat(chunk + "\n\n" + prompt) + target, student = chat(prompt) + target."""
+    return _sdcd_pair(tokenizer, fit_context(tokenizer, chunk, max_context_tokens), prompt).example(
+        tuple(encode(tokenizer, target)[:max_target_tokens]))
+
+
+@dataclass(frozen=True)
+class _SdcdPrefixes:
+    teacher: tuple[int, ...]
+    student: tuple[int, ...]
+
+    def example(self, target_ids: tuple[int, ...]) -> DcdExample:
+        return DcdExample(self.teacher + target_ids, self.student + target_ids, len(target_ids))
+
+
+def _sdcd_pair(tokenizer: Any, context: str, prompt: str) -> _SdcdPrefixes:
+    teacher = chat_prefix(tokenizer, context + "\n\n" + prompt)
+    return _SdcdPrefixes(tuple(teacher), tuple(chat_prefix(tokenizer, prompt)))
 
 
 def sdcd_examples(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem], *,
                   max_context_tokens: int, max_target_tokens: int) -> list[DcdExample]:
-    """One example per synthetic item whose target is not empty."""
+    """One example per synthetic item whose target is not empty (each chunk and prompt encoded once)."""
+    missing = sorted({item.chunk_index for item in items} - set(chunks))
+    if missing:
+        raise ValueError(MSG_NO_CHUNK.format(index=missing[0]))
+    contexts: dict[int, str] = {}
+    prefixes: dict[tuple[int, str], _SdcdPrefixes] = {}
     examples = []
     for item in items:
-        if item.chunk_index not in chunks:
-            raise ValueError(MSG_NO_CHUNK.format(index=item.chunk_index))
-        if not encode(tokenizer, item.target):
+        target_ids = tuple(encode(tokenizer, item.target)[:max_target_tokens])
+        if not target_ids:
             continue
-        examples.append(sdcd_example(tokenizer, chunks[item.chunk_index], item.prompt, item.target,
-                                     max_context_tokens=max_context_tokens, max_target_tokens=max_target_tokens))
+        index = item.chunk_index
+        if index not in contexts:
+            contexts[index] = fit_context(tokenizer, chunks[index], max_context_tokens)
+        if (index, item.prompt) not in prefixes:
+            prefixes[index, item.prompt] = _sdcd_pair(tokenizer, contexts[index], item.prompt)
+        examples.append(prefixes[index, item.prompt].example(target_ids))
     return examples
 
 

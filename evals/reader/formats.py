@@ -168,3 +168,37 @@ def induction(rng: random.Random, pool: Sequence[int], length: int) -> tuple[lis
     tokens = [rng.choice(pool) for _ in range(size)]
     filler = [rng.choice(pool) for _ in range(rng.randint(0, length // 2))]
     return tokens + filler + tokens, [-100] * (size + len(filler)) + tokens
+
+
+def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int, int],
+             facts: int) -> tuple[list[int], list[int]]:
+    """Random-token "sentences" `value relation entity .`, then each asked as `relation entity ?` with the value
+    (and EOS) trained: a backward look-up, the mechanism of a value-first fact ("Morsu founded Kelka.", asked "Who
+    founded Kelka?"), where the question matches the end of the sentence and the answer is the name before it.
+
+    Entities recur under different relations and relations under different entities, so only a match on both
+    finds the sentence; names and relations are one to three tokens, so the answer's start is the sentence's start,
+    not a fixed distance before the match. `marks` are the ids of the full stop, the question mark, the newline
+    and EOS.
+    """
+    stop, ask, newline, eos = marks
+
+    def name() -> list[int]:
+        return [rng.choice(pool) for _ in range(rng.randint(1, 3))]
+
+    entities = [name() for _ in range(rng.randint(2, max(2, facts // 2)))]
+    relations = [name() for _ in range(rng.randint(2, 4))]
+    pairs = rng.sample([(e, r) for e in range(len(entities)) for r in range(len(relations))],
+                       k=min(facts, len(entities) * len(relations)))
+    sentences = [(name(), relations[r] + entities[e]) for e, r in pairs]
+    ids: list[int] = []
+    for value, rest in sentences:
+        ids += value + rest + [stop]
+    ids.append(newline)
+    labels = [-100] * len(ids)
+    for value, rest in rng.sample(sentences, k=len(sentences)):
+        ids += [newline, *rest, ask]
+        labels += [-100] * (len(rest) + 2)
+        ids += [*value, eos]
+        labels += [*value, eos]
+    return ids, labels

@@ -92,6 +92,7 @@ class Recipe:
     recall_sentences: float = 0.0  # share of recall documents in sentences (value first as `value_first` says)
     name_valued: float = 0.0  # share of documents whose entities all have every name-valued attribute
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is then what is saved (0: off)
+    backward_mix: float = 0.0  # share of batches of random-token backward look-ups (formats.backward)
 
 
 NAME = re.compile(rf"\b(?:{SYLLABLE_PATTERN})+\b", re.IGNORECASE)
@@ -460,7 +461,9 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     saved = model if average is None else average.module
     rng, gen = training_stream(recipe)
     pool = induction_pool(recipe, tokenizer)
-    log: dict[str, Any] = {"induction": [], "skills": [], "recall": [], "promotions": []}
+    marks = backward_marks(tokenizer)
+    backward_pool = [i for i in pool if i not in marks]
+    log: dict[str, Any] = {"induction": [], "skills": [], "recall": [], "backward": [], "promotions": []}
     if init_from is not None and (init_from / "RECIPE.json").exists():
         log["previous"] = json.loads((init_from / "RECIPE.json").read_text())
     started = time.monotonic()
@@ -483,11 +486,16 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     tasks = formats.TASKS
     for step in range(recipe.steps):
         draw = rng.random()
-        recall = recipe.induction_mix <= draw < recipe.induction_mix + recipe.recall_mix
+        recall_from, backward_from = recipe.induction_mix, recipe.induction_mix + recipe.recall_mix
+        recall = recall_from <= draw < backward_from
+        backward = backward_from <= draw < backward_from + recipe.backward_mix
         if draw < recipe.induction_mix:
             items = _induction_batch(rng, pool, recipe)
         elif recall:
             items = _recall_batch(rng, gen, tokenizer, recipe)
+        elif backward:
+            items = _fill(lambda: formats.backward(rng, backward_pool, marks, rng.randint(4, 16)),
+                          recipe.token_budget)
         else:
             items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
         loss, correct = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.steps, recipe.lr))
@@ -497,6 +505,11 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
             if step % log_every == 0:
                 log["recall"].append({"step": step, "loss": loss, "s": round(time.monotonic() - started, 1)})
                 print(json.dumps({"step": step, "recall_loss": loss}), flush=True)
+        elif backward:  # its own accuracy: how well value-before-match look-ups are done on random tokens
+            if step % log_every == 0:
+                log["backward"].append({"step": step, "loss": loss, "em": round(sum(correct) / len(correct), 3)})
+                print(json.dumps({"step": step, "backward_loss": loss, "backward_em": log["backward"][-1]["em"]}),
+                      flush=True)
         else:
             if curriculum.record(correct):
                 log["promotions"].append({"step": step, "facts": curriculum.facts})
@@ -511,6 +524,12 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     log["train_seconds"] = round(time.monotonic() - started, 1)
     save(saved, tokenizer, recipe, out, log)
     return log
+
+
+def backward_marks(tokenizer: Any) -> tuple[int, int, int, int]:
+    """Ids of the full stop, question mark and newline (each the last token of its encoding) and EOS."""
+    stop, ask, newline = (tokenizer(mark, add_special_tokens=False)["input_ids"][-1] for mark in (".", "?", "\n"))
+    return stop, ask, newline, tokenizer.eos_token_id
 
 
 def _induction_batch(rng: random.Random, pool: list[int], recipe: Recipe) -> list[tuple[list[int], list[int]]]:
@@ -641,6 +660,9 @@ def main() -> None:
                              "founder, partner, river): a look-up must match the attribute as well as the entity.")
     parser.add_argument("--ema", type=float, default=Recipe.ema,
                         help="Save an exponential moving average of the weights with this decay (e.g. 0.995).")
+    parser.add_argument("--backward-mix", type=float, default=Recipe.backward_mix,
+                        help="Share of batches of backward look-ups on random tokens (`value relation entity .`, "
+                             "asked `relation entity ?`): the mechanism of a value-first fact's question.")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--task-weights", type=str, default=",".join(map(str, Recipe.task_weights)),
                         help=f"Comma-separated weights of {', '.join(formats.TASKS)}.")
@@ -661,7 +683,7 @@ def main() -> None:
                     hidden_size=args.hidden, intermediate_size=args.intermediate, recall_mix=args.recall_mix,
                     recall_siblings=args.recall_siblings, recall_sentences=args.recall_sentences,
                     followups=args.followups, max_seq=args.max_seq, ema=args.ema,
-                    name_valued=args.name_valued)
+                    name_valued=args.name_valued, backward_mix=args.backward_mix)
     train(recipe, args.out, init_from=args.init_from)
 
 
