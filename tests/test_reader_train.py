@@ -313,7 +313,8 @@ def test_name_valued_share_reaches_the_documents(tokenizer) -> None:  # type: ig
         assert abs(sum(drawn) / len(drawn) - share) <= 0.2, (share, sum(drawn))
 
 
-def test_backward_lookups_ask_each_sentence_by_its_end_and_train_the_name_before_it(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("variant", ["recurring", "unique", "forward"])
+def test_backward_lookups_ask_each_sentence_by_its_key_and_train_the_name_before_it(variant: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
     import random
 
     from evals.reader import formats
@@ -324,12 +325,12 @@ def test_backward_lookups_ask_each_sentence_by_its_end_and_train_the_name_before
     pool = [i for i in range(10, 200) if i not in marks]
     rng = random.Random(4)
     for facts in (4, 9, 16):
-        ids, labels = formats.backward(rng, pool, marks, facts)
+        ids, labels = formats.backward(rng, pool, marks, facts, variant)
         assert len(ids) == len(labels)
         document = ids[:ids.index(newline)]
         stops = [k for k, t in enumerate(document) if t == stop]
         sentences = [document[i + 1:j] for i, j in zip([-1, *stops], stops, strict=False)]
-        assert 4 <= len(sentences) <= facts  # at least two entities under two relations each
+        assert 4 <= len(sentences) <= facts and (variant != "unique" or len(sentences) == facts)
         asked = 0
         at = ids.index(newline) + 1
         while at < len(ids):  # "\n relation entity ? value EOS", the value and EOS alone trained
@@ -338,11 +339,20 @@ def test_backward_lookups_ask_each_sentence_by_its_end_and_train_the_name_before
             query, value = ids[at + 1:ids.index(ask, at)], ids[ids.index(ask, at) + 1:end]
             assert all(label == -100 for label in labels[at:ids.index(ask, at) + 1])
             assert labels[ids.index(ask, at) + 1:end + 1] == [*value, eos]
-            matching = [s for s in sentences if s[-len(query):] == query]
-            assert [s[:-len(query)] for s in matching] == [value]  # the end finds one sentence; its start is the answer
+            if variant == "forward":  # the key starts its sentence and the value follows it
+                assert [s[len(query):] for s in sentences if s[:len(query)] == query] == [value]
+            else:  # the key ends one sentence; its start is the answer
+                assert [s[:-len(query)] for s in sentences if s[-len(query):] == query] == [value]
             asked += 1
             at = end + 1
         assert asked == len(sentences)
+        if variant == "recurring":  # an entity (the key's last tokens) stands in more than one sentence
+            assert len({tuple(s[-1:]) for s in sentences}) < len(sentences)
+    with pytest.raises(ValueError, match="backward variant"):
+        formats.backward(rng, pool, marks, 4, "sideways")
+
+
+def test_backward_batches_train_and_log_their_own_accuracy(tmp_path: Path) -> None:
     recipe = replace(SMALL, backward_mix=1.0, induction_mix=0.0, induction_steps=0, steps=2)
     log = train.train(recipe, tmp_path, log_every=1)
     assert [entry["step"] for entry in log["backward"]] == [0, 1] and not log["skills"] and not log["recall"]

@@ -7,7 +7,8 @@ where the platform defines them, so the reader is trained on exactly what it wil
 - the synthesize job's summary and QA-writing prompts (`trainer_worker.synthesize`), QA in its tagged format;
 - the SDCD teacher's view: chunk + "Summarize/Generate a question-answer pair ..." (`trainer_worker.km_data`);
 - the plain document text (the DDCD and LM teachers read raw windows);
-- an induction warm-up (random tokens repeated), which teaches copying before fact lookup.
+- an induction warm-up (random tokens repeated), which teaches copying before fact lookup, and random-token
+  backward look-ups (the value before the matched words), the mechanism of a value-first fact.
 After its main target, a sequence carrying a document goes on with more closed-book questions about that document
 in further turns: the document is paid for once and trains many look-ups.
 """
@@ -170,35 +171,46 @@ def induction(rng: random.Random, pool: Sequence[int], length: int) -> tuple[lis
     return tokens + filler + tokens, [-100] * (size + len(filler)) + tokens
 
 
-def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int, int],
-             facts: int) -> tuple[list[int], list[int]]:
+BACKWARD_VARIANTS = ("recurring", "unique", "forward")
+
+
+def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int, int], facts: int,
+             variant: str = "recurring") -> tuple[list[int], list[int]]:
     """Random-token "sentences" `value relation entity .`, then each asked as `relation entity ?` with the value
     (and EOS) trained: a backward look-up, the mechanism of a value-first fact ("Morsu founded Kelka.", asked "Who
     founded Kelka?"), where the question matches the end of the sentence and the answer is the name before it.
 
-    Entities recur under different relations and relations under different entities, so only a match on both
-    finds the sentence; names and relations are one to three tokens, so the answer's start is the sentence's start,
-    not a fixed distance before the match. `marks` are the ids of the full stop, the question mark, the newline
-    and EOS.
+    `recurring`: entities recur under different relations and relations under different entities, so only a match
+    on both finds the sentence. `unique`: every sentence has its own entity and relation (a match on either finds
+    it). `forward`: the recurring documents written `entity relation value .` and asked `entity relation ?`, the
+    value after the match (the control: an induction look-up). Names and relations are one to three tokens, so the
+    answer's start is not a fixed distance from the match. `marks` are the ids of the full stop, the question mark,
+    the newline and EOS.
     """
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"backward variant {variant!r}: expected one of {BACKWARD_VARIANTS}")
     stop, ask, newline, eos = marks
 
     def name() -> list[int]:
         return [rng.choice(pool) for _ in range(rng.randint(1, 3))]
 
-    entities = [name() for _ in range(rng.randint(2, max(2, facts // 2)))]
-    relations = [name() for _ in range(rng.randint(2, 4))]
-    pairs = rng.sample([(e, r) for e in range(len(entities)) for r in range(len(relations))],
-                       k=min(facts, len(entities) * len(relations)))
-    sentences = [(name(), relations[r] + entities[e]) for e, r in pairs]
+    if variant == "unique":
+        keys = [name() + name() for _ in range(facts)]
+    else:
+        entities = [name() for _ in range(rng.randint(2, max(2, facts // 2)))]
+        relations = [name() for _ in range(rng.randint(2, 4))]
+        pairs = rng.sample([(e, r) for e in range(len(entities)) for r in range(len(relations))],
+                           k=min(facts, len(entities) * len(relations)))
+        keys = [entities[e] + relations[r] if variant == "forward" else relations[r] + entities[e] for e, r in pairs]
+    sentences = [(key, name()) for key in keys]
     ids: list[int] = []
-    for value, rest in sentences:
-        ids += value + rest + [stop]
+    for key, value in sentences:
+        ids += (key + value if variant == "forward" else value + key) + [stop]
     ids.append(newline)
     labels = [-100] * len(ids)
-    for value, rest in rng.sample(sentences, k=len(sentences)):
-        ids += [newline, *rest, ask]
-        labels += [-100] * (len(rest) + 2)
+    for key, value in rng.sample(sentences, k=len(sentences)):
+        ids += [newline, *key, ask]
+        labels += [-100] * (len(key) + 2)
         ids += [*value, eos]
         labels += [*value, eos]
     return ids, labels

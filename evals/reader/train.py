@@ -93,6 +93,7 @@ class Recipe:
     name_valued: float = 0.0  # share of documents whose entities all have every name-valued attribute
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is then what is saved (0: off)
     backward_mix: float = 0.0  # share of batches of random-token backward look-ups (formats.backward)
+    backward_variant: str = "recurring"  # which (formats.BACKWARD_VARIANTS; "forward" is the induction control)
 
 
 NAME = re.compile(rf"\b(?:{SYLLABLE_PATTERN})+\b", re.IGNORECASE)
@@ -494,7 +495,8 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
         elif recall:
             items = _recall_batch(rng, gen, tokenizer, recipe)
         elif backward:
-            items = _fill(lambda: formats.backward(rng, backward_pool, marks, rng.randint(4, 16)),
+            items = _fill(lambda: formats.backward(rng, backward_pool, marks, rng.randint(4, 16),
+                                                     recipe.backward_variant),
                           recipe.token_budget)
         else:
             items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
@@ -663,6 +665,9 @@ def main() -> None:
     parser.add_argument("--backward-mix", type=float, default=Recipe.backward_mix,
                         help="Share of batches of backward look-ups on random tokens (`value relation entity .`, "
                              "asked `relation entity ?`): the mechanism of a value-first fact's question.")
+    parser.add_argument("--backward-variant", choices=formats.BACKWARD_VARIANTS, default=Recipe.backward_variant,
+                        help="recurring: entities recur under several relations; unique: one sentence each; "
+                             "forward: the recurring documents with the value after the match (the control).")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--task-weights", type=str, default=",".join(map(str, Recipe.task_weights)),
                         help=f"Comma-separated weights of {', '.join(formats.TASKS)}.")
@@ -683,7 +688,8 @@ def main() -> None:
                     hidden_size=args.hidden, intermediate_size=args.intermediate, recall_mix=args.recall_mix,
                     recall_siblings=args.recall_siblings, recall_sentences=args.recall_sentences,
                     followups=args.followups, max_seq=args.max_seq, ema=args.ema,
-                    name_valued=args.name_valued, backward_mix=args.backward_mix)
+                    name_valued=args.name_valued, backward_mix=args.backward_mix,
+                    backward_variant=args.backward_variant)
     train(recipe, args.out, init_from=args.init_from)
 
 
