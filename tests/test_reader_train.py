@@ -320,8 +320,8 @@ def test_backward_lookups_ask_each_sentence_by_its_key_and_train_the_name_before
     from evals.reader import formats
 
     marks = train.backward_marks(tokenizer)
-    stop, ask, newline, eos = marks
-    assert tokenizer.convert_ids_to_tokens([stop, ask]) == [".", "?"] and eos == tokenizer.eos_token_id
+    stop, comma, ask, newline, eos = marks
+    assert tokenizer.convert_ids_to_tokens([stop, comma, ask]) == [".", ",", "?"] and eos == tokenizer.eos_token_id
     pool = [i for i in range(10, 200) if i not in marks]
     rng = random.Random(4)
     for facts in (4, 9, 16):
@@ -339,10 +339,10 @@ def test_backward_lookups_ask_each_sentence_by_its_key_and_train_the_name_before
             query, value = ids[at + 1:ids.index(ask, at)], ids[ids.index(ask, at) + 1:end]
             assert all(label == -100 for label in labels[at:ids.index(ask, at) + 1])
             assert labels[ids.index(ask, at) + 1:end + 1] == [*value, eos]
-            if variant == "forward":  # the key starts its sentence and the value follows it
-                assert [s[len(query):] for s in sentences if s[:len(query)] == query] == [value]
-            else:  # the key ends one sentence; its start is the answer
-                assert [s[:-len(query)] for s in sentences if s[-len(query):] == query] == [value]
+            if variant == "forward":  # the key starts its sentence; the value follows it after the comma
+                assert [s[len(query):] for s in sentences if s[:len(query)] == query] == [[comma, *value]]
+            else:  # the key ends one sentence; its start, up to the comma, is the answer
+                assert [s[:-len(query)] for s in sentences if s[-len(query):] == query] == [[*value, comma]]
             asked += 1
             at = end + 1
         assert asked == len(sentences)

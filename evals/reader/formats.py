@@ -174,22 +174,23 @@ def induction(rng: random.Random, pool: Sequence[int], length: int) -> tuple[lis
 BACKWARD_VARIANTS = ("recurring", "unique", "forward")
 
 
-def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int, int], facts: int,
+def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int, int, int], facts: int,
              variant: str = "recurring") -> tuple[list[int], list[int]]:
-    """Random-token "sentences" `value relation entity .`, then each asked as `relation entity ?` with the value
+    """Random-token "sentences" `value , relation entity .`, then each asked as `relation entity ?` with the value
     (and EOS) trained: a backward look-up, the mechanism of a value-first fact ("Morsu founded Kelka.", asked "Who
     founded Kelka?"), where the question matches the end of the sentence and the answer is the name before it.
 
     `recurring`: entities recur under different relations and relations under different entities, so only a match
     on both finds the sentence. `unique`: every sentence has its own entity and relation (a match on either finds
-    it). `forward`: the recurring documents written `entity relation value .` and asked `entity relation ?`, the
+    it). `forward`: the recurring documents written `entity relation , value .` and asked `entity relation ?`, the
     value after the match (the control: an induction look-up). Names and relations are one to three tokens, so the
-    answer's start is not a fixed distance from the match. `marks` are the ids of the full stop, the question mark,
-    the newline and EOS.
+    answer's start is not a fixed distance from the match; the comma marks where the value ends (or starts), as a
+    name's capitals and syllables do in a sentence. `marks` are the ids of the full stop, the comma, the question
+    mark, the newline and EOS.
     """
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"backward variant {variant!r}: expected one of {BACKWARD_VARIANTS}")
-    stop, ask, newline, eos = marks
+    stop, comma, ask, newline, eos = marks
 
     def name() -> list[int]:
         return [rng.choice(pool) for _ in range(rng.randint(1, 3))]
@@ -205,7 +206,7 @@ def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int
     sentences = [(key, name()) for key in keys]
     ids: list[int] = []
     for key, value in sentences:
-        ids += (key + value if variant == "forward" else value + key) + [stop]
+        ids += (key + [comma] + value if variant == "forward" else value + [comma] + key) + [stop]
     ids.append(newline)
     labels = [-100] * len(ids)
     for key, value in rng.sample(sentences, k=len(sentences)):

@@ -528,10 +528,11 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     return log
 
 
-def backward_marks(tokenizer: Any) -> tuple[int, int, int, int]:
-    """Ids of the full stop, question mark and newline (each the last token of its encoding) and EOS."""
-    stop, ask, newline = (tokenizer(mark, add_special_tokens=False)["input_ids"][-1] for mark in (".", "?", "\n"))
-    return stop, ask, newline, tokenizer.eos_token_id
+def backward_marks(tokenizer: Any) -> tuple[int, int, int, int, int]:
+    """Ids of the full stop, comma, question mark and newline (each the last token of its encoding) and EOS."""
+    stop, comma, ask, newline = (tokenizer(mark, add_special_tokens=False)["input_ids"][-1]
+                                 for mark in (".", ",", "?", "\n"))
+    return stop, comma, ask, newline, tokenizer.eos_token_id
 
 
 def _induction_batch(rng: random.Random, pool: list[int], recipe: Recipe) -> list[tuple[list[int], list[int]]]:
