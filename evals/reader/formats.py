@@ -206,7 +206,7 @@ def backward(rng: random.Random, pool: Sequence[int], marks: tuple[int, int, int
     sentences = [(key, name()) for key in keys]
     ids: list[int] = []
     for key, value in sentences:
-        ids += (key + [comma] + value if variant == "forward" else value + [comma] + key) + [stop]
+        ids += [*key, comma, *value, stop] if variant == "forward" else [*value, comma, *key, stop]
     ids.append(newline)
     labels = [-100] * len(ids)
     for key, value in rng.sample(sentences, k=len(sentences)):
