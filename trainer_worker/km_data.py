@@ -133,7 +133,7 @@ def fit_context(tokenizer: Any, chunk: str, max_context_tokens: int) -> str:
 
 def sdcd_example(tokenizer: Any, chunk: str, prompt: str, target: str, *, max_context_tokens: int,
                  max_target_tokens: int) -> DcdExample:
-    """Teacher = chat(chunk + "\n\n" + prompt) + target, student = chat(prompt) + target."""
+    """Teacher = chat(chunk + "\\n\\n" + prompt) + target, student = chat(prompt) + target."""
     return _sdcd_pair(tokenizer, fit_context(tokenizer, chunk, max_context_tokens), prompt).example(
         tuple(encode(tokenizer, target)[:max_target_tokens]))
 
