@@ -125,16 +125,18 @@ def chat_prefix(tokenizer: Any, content: str) -> list[int]:
     return [int(i) for i in tokenizer(content + "\n", add_special_tokens=True)["input_ids"]]
 
 
-def fit_context(tokenizer: Any, chunk: str, max_context_tokens: int) -> str:
-    """The chunk as the teacher reads it: its first `max_context_tokens` tokens."""
+def fit_context(tokenizer: Any, chunk: str, max_context_tokens: int) -> tuple[str, bool]:
+    """The chunk as the teacher reads it (its first `max_context_tokens` tokens), and whether that cut it short."""
     context_ids = encode(tokenizer, chunk)
-    return tokenizer.decode(context_ids[:max_context_tokens]) if len(context_ids) > max_context_tokens else chunk
+    if len(context_ids) > max_context_tokens:
+        return tokenizer.decode(context_ids[:max_context_tokens]), True
+    return chunk, False
 
 
 def sdcd_example(tokenizer: Any, chunk: str, prompt: str, target: str, *, max_context_tokens: int,
                  max_target_tokens: int) -> DcdExample:
     """Teacher = chat(chunk + "\\n\\n" + prompt) + target, student = chat(prompt) + target."""
-    return _sdcd_pair(tokenizer, fit_context(tokenizer, chunk, max_context_tokens), prompt).example(
+    return _sdcd_pair(tokenizer, fit_context(tokenizer, chunk, max_context_tokens)[0], prompt).example(
         tuple(encode(tokenizer, target)[:max_target_tokens]))
 
 
@@ -155,32 +157,34 @@ def _sdcd_pair(tokenizer: Any, context: str, prompt: str) -> _SdcdPrefixes:
 def sdcd_examples(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem], *,
                   max_context_tokens: int, max_target_tokens: int) -> list[DcdExample]:
     """One example per synthetic item whose target is not empty (each chunk and prompt encoded once)."""
-    missing = sorted({item.chunk_index for item in items} - set(chunks))
+    return _sdcd_data(tokenizer, chunks, items, max_context_tokens, max_target_tokens)[0]
+
+
+def _sdcd_data(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem], max_context_tokens: int,
+               max_target_tokens: int) -> tuple[list[DcdExample], list[int]]:
+    """The examples, and the chunks (of those the items use) that the teacher's context cuts short."""
+    used = {item.chunk_index for item in items}
+    missing = sorted(used - set(chunks))
     if missing:
         raise ValueError(MSG_NO_CHUNK.format(index=missing[0]))
-    contexts: dict[int, str] = {}
+    contexts = {index: fit_context(tokenizer, chunks[index], max_context_tokens) for index in sorted(used)}
     prefixes: dict[tuple[int, str], _SdcdPrefixes] = {}
     examples = []
     for item in items:
         target_ids = tuple(encode(tokenizer, item.target)[:max_target_tokens])
         if not target_ids:
             continue
-        index = item.chunk_index
-        if index not in contexts:
-            contexts[index] = fit_context(tokenizer, chunks[index], max_context_tokens)
-        if (index, item.prompt) not in prefixes:
-            prefixes[index, item.prompt] = _sdcd_pair(tokenizer, contexts[index], item.prompt)
-        examples.append(prefixes[index, item.prompt].example(target_ids))
-    return examples
+        key = (item.chunk_index, item.prompt)
+        if key not in prefixes:
+            prefixes[key] = _sdcd_pair(tokenizer, contexts[item.chunk_index][0], item.prompt)
+        examples.append(prefixes[key].example(target_ids))
+    return examples, [index for index, (_, cut) in contexts.items() if cut]
 
 
-def context_cut_note(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[SyntheticItem],
-                     max_context_tokens: int) -> str | None:
-    """A note naming the chunks (of those the items use) longer than the teacher's context, which reads only their
-    first `max_context_tokens` tokens; None when every chunk fits."""
-    cut = sorted(i for i in {item.chunk_index for item in items}
-                 if i in chunks and len(encode(tokenizer, chunks[i])) > max_context_tokens)
-    return MSG_CONTEXT_CUT % (cut, max_context_tokens, max_context_tokens) if cut else None
+def context_cut_note(cut: Sequence[int], max_context_tokens: int) -> str | None:
+    """A note naming the chunks longer than the teacher's context, which reads only their first
+    `max_context_tokens` tokens; None when every chunk fits."""
+    return MSG_CONTEXT_CUT % (list(cut), max_context_tokens, max_context_tokens) if cut else None
 
 
 def _bos(tokenizer: Any) -> tuple[int, ...]:
@@ -313,15 +317,14 @@ def synthetic_data(tokenizer: Any, chunks: Mapping[int, str], items: Sequence[Sy
     `dev_fraction` of them held out as the dev set."""
     if answer_targets:
         items = [*items, *answer_items(items)]
-    examples = sdcd_examples(tokenizer, chunks, items, max_context_tokens=max_context_tokens,
-                             max_target_tokens=max_target_tokens)
+    examples, cut = _sdcd_data(tokenizer, chunks, items, max_context_tokens, max_target_tokens)
     if len(examples) < 2:
         raise ValueError(MSG_TOO_FEW.format(what="synthetic examples", need=2, got=len(examples)))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_dev = min(_dev_count(len(examples), dev_fraction, max_dev), len(examples) - 1)
     dev = [examples[i] for i in sorted(order[:n_dev])]
-    note = context_cut_note(tokenizer, chunks, items, max_context_tokens)
+    note = context_cut_note(cut, max_context_tokens)
     if note:
         log.warning(note)
     return KmData(ExampleDeck([examples[i] for i in sorted(order[n_dev:])]), dev, (note,) if note else ())

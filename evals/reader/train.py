@@ -485,9 +485,9 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
             break
     curriculum = Curriculum(recipe)
     tasks = formats.TASKS
+    recall_from, backward_from = recipe.induction_mix, recipe.induction_mix + recipe.recall_mix
     for step in range(recipe.steps):
         draw = rng.random()
-        recall_from, backward_from = recipe.induction_mix, recipe.induction_mix + recipe.recall_mix
         recall = recall_from <= draw < backward_from
         backward = backward_from <= draw < backward_from + recipe.backward_mix
         if draw < recipe.induction_mix:
