@@ -45,12 +45,13 @@ ConcurrencyOpt = Annotated[int, typer.Option(min=1, help="Questions in flight at
 def _train_options(pairs: list[str] | None) -> tuple[dict[str, object], dict[str, object]]:
     """`KEY=VALUE` pairs as the KM jobs' and (`ke.KEY=VALUE`) the knowledge extractor's training options, each
     value read as JSON when it parses (numbers, booleans) else as text; keys must be training options (TrainConfig
-    fields)."""
+    fields, or check_answers for the synthetic data)."""
     from dataclasses import fields
 
+    from trainer_worker.synthesize import CHECK_ANSWERS_OPTION
     from trainer_worker.train_config import TrainConfig
 
-    known = sorted(f.name for f in fields(TrainConfig) if f.name != "method")
+    known = sorted([*(f.name for f in fields(TrainConfig) if f.name != "method"), CHECK_ANSWERS_OPTION])
     km: dict[str, object] = {}
     ke: dict[str, object] = {}
     for pair in pairs or []:

@@ -60,7 +60,7 @@ def test_kmserve_eval_synthetic_runs_through_the_platform(tmp_path: Path, tiny_m
         "--max-facts", "5", "--settings", SETTINGS, "--km-steps", "2", "--ke-steps", "2", "--profile", "fast",
         "--retrieval-tokens", "16", "--out", str(out), "--name", "smoke", "--base-model", str(tiny_model_dir),
         "--data-dir", str(tmp_path / "data"), "--train-option", "lr=0.005", "--train-option", "grad_accum=1",
-        "--train-option", "ke.mix_lr_scale=20",
+        "--train-option", "ke.mix_lr_scale=20", "--train-option", "check_answers=true",
     ])
     assert result.exit_code == 0, result.output
     with sqlite3.connect(tmp_path / "data" / "kmserve.db") as db:  # every KM was trained with the options given
@@ -69,6 +69,9 @@ def test_kmserve_eval_synthetic_runs_through_the_platform(tmp_path: Path, tiny_m
     assert configs and all(c["lr"] == 0.005 and c["grad_accum"] == 1 and c["steps"] == 2 for c in configs)
     assert all(c["mix_lr_scale"] == 10.0 for c in configs)  # ke.* options go to the knowledge extractor alone
     assert ke["mix_lr_scale"] == 20 and ke["lr"] != 0.005 and ke["steps"] == 2
+    with sqlite3.connect(tmp_path / "data" / "kmserve.db") as db:  # the SDCD data was generated with the answer check
+        synthesized = [json.loads(row[0]) for row in db.execute("SELECT result FROM jobs WHERE kind = 'synthesize'")]
+    assert synthesized and all(r["check_answers"] is True for r in synthesized)
     payload = json.loads((out / "smoke.json").read_text())
     assert [row["setting"] for row in payload["scores"]] == [s for s in SETTING_NAMES if s in SETTINGS.split(",")]
     assert all(row["count"] == 3 for row in payload["scores"])

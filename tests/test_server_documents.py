@@ -127,7 +127,7 @@ def test_json_upload_queues_the_sdcd_chain_in_order(client: TestClient, admin: d
 def test_train_method_picks_the_chain_and_options_reach_the_payload(
     client: TestClient, admin: dict[str, str], method: str, kinds: list[str]
 ) -> None:
-    train = {"method": method, "steps": 7, "rank": 8, "lr": 0.002}
+    train = {"method": method, "steps": 7, "rank": 8, "lr": 0.002, "check_answers": True}
     response = upload_json(client, admin, text=f"{method} {TEXT}", train=train)
     assert response.status_code == 202, response.text
     jobs = response.json()["jobs"]
@@ -218,6 +218,9 @@ def test_empty_or_invalid_uploads_are_422(client: TestClient, admin: dict[str, s
     assert_error(upload_json(client, admin, train={"method": "magic"}), 422, "validation_error")
     assert_error(upload_file(client, admin, "a.txt", b"abc", train="{not json"), 422, "validation_error")
     assert_error(upload_json(client, admin, title=""), 422, "validation_error")
+    not_a_switch = upload_json(client, admin, train={"check_answers": "yes"})
+    assert_error(not_a_switch, 422, "validation_error")
+    assert "check_answers must be true or false" in not_a_switch.text
     too_big_rank = upload_json(client, admin, train={"rank": 10_000})
     assert_error(too_big_rank, 422, "invalid_upload", MSG_RANK.format(rank=10_000, limit=64))
     malformed = client.post("/v1/documents", content=b"{", headers={**admin, "Content-Type": "application/json"})

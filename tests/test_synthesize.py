@@ -30,6 +30,7 @@ from trainer_worker.synthesize import (
     PROFILES,
     PROMPT_VERSION,
     build_prompt,
+    check_answers,
     records_of,
     resolve_profile,
 )
@@ -179,8 +180,8 @@ class Pipeline:
                            document_id=document.id)
         return document.id
 
-    def synthesize(self, document_id: int) -> Job:
-        job = self.queue.enqueue("synthesize", {}, document_id=document_id)
+    def synthesize(self, document_id: int, **payload: Any) -> Job:
+        job = self.queue.enqueue("synthesize", payload, document_id=document_id)
         self.worker.run()
         return self.queue.get(job.id)
 
@@ -270,3 +271,65 @@ def test_synthesize_before_ingest_fails_permanently(pipeline: Pipeline) -> None:
     assert (job.status, job.attempts) == (JobStatus.FAILED, 1)
     assert job.error == f"document {document.id} has no chunks yet; its ingest job must succeed first."
     assert pipeline.engines == []  # the engine is built only when something is generated
+
+
+# -- answer checking ---------------------------------------------------------------------------------------------
+
+READER = Path(__file__).resolve().parents[1] / "evals" / "reader" / "warm_start"
+
+
+def test_check_answers_option_and_its_key() -> None:
+    assert check_answers({}) is False and check_answers({"train": {"check_answers": True}}) is True
+    assert check_answers({"check_answers": False, "train": {"check_answers": True}}) is False  # top level wins
+    with pytest.raises(PermanentJobError, match="check_answers must be true or false, got 'yes'"):
+        check_answers({"train": {"check_answers": "yes"}})
+    # data generated before the option existed keeps its key; checked data has its own
+    assert synthetic_key("u", "m", "paper", 1) == synthetic_key("u", "m", "paper", 1, checked=False)
+    assert synthetic_key("u", "m", "paper", 1, checked=True) != synthetic_key("u", "m", "paper", 1)
+
+
+@pytest.fixture
+def reader_pipeline(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[Pipeline]:
+    """The pipeline on the project's reader model, which writes real QA pairs about a document."""
+    built = Pipeline(settings, sessions, READER)
+    yield built
+    built.worker.close()
+
+
+def test_checked_qa_answers_are_the_models_replies_with_the_chunk_in_context(reader_pipeline: Pipeline,
+                                                                            settings: Settings) -> None:
+    from engines.base import ChatMessage, GenerationRequest, SamplingParams
+    from engines.prompts import reader_prompt
+    from evals.synthetic_facts import FactGenerator
+
+    text = FactGenerator(5).document("check", 12).text
+    document_id = reader_pipeline.upload(text, chunk_tokens=512)
+    job = reader_pipeline.synthesize(document_id, train={"check_answers": True, "profile": "paper"})
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    document = reader_pipeline.document(document_id)
+    chunks = read_chunks(reader_pipeline.store, document.artifacts["chunks"]).train_chunks
+    assert len(chunks) == 1
+    key = synthetic_key(document.artifacts["chunks"], str(settings.base_model), "paper", PROMPT_VERSION, checked=True)
+    entry = document.artifacts["synthetic"][key]
+    assert job.result["synthetic_key"] == key and entry["check_answers"] is True
+    records = [json.loads(line) for line in reader_pipeline.store.get_blob(entry["uri"]).decode().splitlines()]
+    qa = [r for r in records if r["type"] == "qa"]
+    assert len(qa) == entry["counts"]["qa_pairs"] >= 20  # 16 generations of up to 5 pairs
+    engine = reader_pipeline.engines[0]
+    greedy = SamplingParams(max_tokens=48, temperature=0.0)
+    replies = engine_replies(engine, [GenerationRequest(
+        messages=(ChatMessage("user", reader_prompt(r["question"], [chunks[0].text])),), sampling=greedy)
+        for r in qa])
+    assert [r["answer"] for r in qa] == [reply.strip() for reply in replies]
+    # the sampled pairs were partly wrong: the check replaced those answers (and counted them)
+    assert 0 < entry["counts"]["qa_answers_changed"] <= len(qa)
+
+    plain = reader_pipeline.synthesize(document_id, train={"profile": "paper"})
+    assert plain.result["reused"] is False and plain.result["synthetic_key"] != key  # not the checked data
+    assert plain.result["check_answers"] is False and plain.result["counts"]["qa_answers_changed"] == 0
+
+
+def engine_replies(engine: Engine, requests: list[Any]) -> list[str]:
+    import asyncio
+
+    return [result.text for result in asyncio.run(engine.generate(requests))]

@@ -311,7 +311,9 @@ def test_best_adapter_and_early_stopping_follow_the_dev_loss(tiny: tuple[Any, An
 
 
 def test_the_uploads_chunk_sizes_are_left_to_ingest_and_top_level_fields_win(caplog: pytest.LogCaptureFixture) -> None:
-    payload = {"train": {"method": "sdcd", "steps": 5, "retrieval_tokens": 64, "chunk_tokens": 512}, "steps": 7}
+    # ... and the answer check to the synthesize job
+    payload = {"train": {"method": "sdcd", "steps": 5, "retrieval_tokens": 64, "chunk_tokens": 512,
+                         "check_answers": True}, "steps": 7}
     assert train_overrides(payload) == {"method": "sdcd", "steps": 7}
     with caplog.at_level("WARNING"):
         profile_config("fast", train_overrides(payload))

@@ -132,9 +132,11 @@ def update_document(
         return document
 
 
-def synthetic_key(chunks_uri: str, model: str, profile: str, prompt_version: int) -> str:
-    """The key of synthetic data: what it was generated from, by which model, profile and prompts."""
-    material = json.dumps([chunks_uri, model, profile, prompt_version], separators=(",", ":"))
+def synthetic_key(chunks_uri: str, model: str, profile: str, prompt_version: int, checked: bool = False) -> str:
+    """The key of synthetic data: what it was generated from, by which model, profile and prompts, and whether its
+    QA answers were checked (data generated without the check keeps the key it had)."""
+    parts: list[Any] = [chunks_uri, model, profile, prompt_version, *(["checked"] if checked else [])]
+    material = json.dumps(parts, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -29,6 +29,7 @@ from trainer_worker.ingest import ChunkingConfig
 from trainer_worker.km_data import KmData, document_data, parse_synthetic, synthetic_data
 from trainer_worker.lora_training import KmTrainer, TrainState, lora_attached, peft_config_dict
 from trainer_worker.plots import loss_curve_png
+from trainer_worker.synthesize import CHECK_ANSWERS_OPTION
 from trainer_worker.train_config import TrainConfig, profile_config, resolve_profile
 
 if TYPE_CHECKING:
@@ -58,9 +59,9 @@ def base_model(model: str) -> tuple[Any, Any]:
 
 def train_overrides(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Training options of a payload: its `train` dict (less the chunk sizes, which the upload's ingest job takes from
-    it), then TrainConfig fields at the top level."""
+    it, and the synthesis option the synthesize job takes), then TrainConfig fields at the top level."""
     names = {f.name for f in fields(TrainConfig)}
-    chunking = {f.name for f in fields(ChunkingConfig)}
+    chunking = {f.name for f in fields(ChunkingConfig)} | {CHECK_ANSWERS_OPTION}
     train = {k: v for k, v in (payload.get("train") or {}).items() if k not in chunking}
     return {**train, **{k: v for k, v in payload.items() if k in names}}
 

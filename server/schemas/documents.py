@@ -28,7 +28,11 @@ class TrainOptions(BaseModel):
 
     @model_validator(mode="after")
     def _storable_extras(self) -> TrainOptions:
-        check_json(self.model_extra or {})
+        extras = self.model_extra or {}
+        check_json(extras)
+        # sdcd: re-answer every synthetic QA pair with the chunk in context before training on it
+        if not isinstance(extras.get("check_answers", False), bool):
+            raise ValueError(f"check_answers must be true or false, got {extras['check_answers']!r}")
         return self
 
 
