@@ -358,3 +358,104 @@ def test_backward_batches_train_and_log_their_own_accuracy(tmp_path: Path) -> No
     assert [entry["step"] for entry in log["backward"]] == [0, 1] and not log["skills"] and not log["recall"]
     assert all(0.0 <= entry["em"] <= 1.0 for entry in log["backward"])
     assert json.loads((tmp_path / "RECIPE.json").read_text())["recipe"]["backward_mix"] == 1.0
+
+
+def test_bindings_point_at_each_value_first_entity_and_name_its_value(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from evals.reader import formats
+
+    gen = FactGenerator(21)
+    recipe = replace(SMALL, tokenizer="words", value_first=1.0, max_seq=4096, line_docs=0.0)
+    ids, labels, binds, pairs = train.sample_sequence("icl", gen, 16, word_tokenizer, recipe, bind=True)
+    assert len(train.sample_sequence("icl", gen, 16, word_tokenizer, recipe)) == 2, "no targets unless asked"
+    doc_end = ids.index(word_tokenizer.convert_tokens_to_ids("<|assistant|>"))
+    assert len(binds) >= 3 and all(position < doc_end for position, _ in binds), "in the document, not the answers"
+    text = word_tokenizer.decode(ids)
+    for position, token in binds:
+        before = word_tokenizer.decode(ids[:position + 1])
+        sentence = before[before.rfind(".") + 1:]  # the sentence up to the bound entity's last token
+        value = word_tokenizer.decode([token]).strip()
+        assert sentence.strip().split()[0].startswith(value) or f" {value}" in sentence, (sentence, value)
+    # retrieval pairs: from where a value-first answer starts to the entity that fact is bound at
+    assert pairs and {key for _, key in pairs} <= {position for position, _ in binds}
+    spans = dict(train.answer_spans(labels, word_tokenizer.eos_token_id))
+    assign = word_tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for query, key in pairs:
+        assert query + 1 in spans and ids[query - 1] == assign, "the answer's first token is predicted at query"
+        answer = word_tokenizer.decode(labels[query + 1:spans[query + 1] - 1])
+        entity_end = word_tokenizer.decode(ids[key])
+        question = word_tokenizer.decode(ids[:query + 1]).rsplit("<|user|>", 1)[1]
+        assert entity_end.strip() in question, (question, entity_end)
+        sentence = word_tokenizer.decode(ids[:key + 1]).rsplit(".", 1)[-1]
+        assert answer in sentence, (answer, sentence)
+    # every value-first fact of the document is bound, at its entity's last token, to its value's first token
+    gen = FactGenerator(22)
+    doc = gen.document("d", 12, value_first=1.0)
+    ids, _ = formats.encode(word_tokenizer, formats.document(doc), 4096)
+    binds = train.bindings(doc, ids, word_tokenizer)
+    expected = {(word_tokenizer(f.entity, add_special_tokens=False)["input_ids"][-1],
+                 word_tokenizer(f.value, add_special_tokens=False)["input_ids"][0]) for f in doc.facts if f.value_first}
+    assert {(ids[position], token) for position, token in binds} == expected and len(expected) >= 6
+    assert text  # decoded whole
+    entity_first = [f for f in gen.document("e", 12, value_first=0.0).facts if not f.value_first]
+    assert entity_first, "documents with no value-first sentences bind nothing of those facts"
+    assert train.bindings(FactGenerator(22).document("d", 12, value_first=1.0), ids[:5], word_tokenizer) == []
+
+
+def test_the_binding_loss_trains_the_entity_state_to_name_its_value(tmp_path: Path, word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    recipe = replace(SMALL, tokenizer="words", value_first=1.0, layers=2, lr=3e-3, max_seq=1024, bind_weight=1.0,
+                     bind_layer=1, steps=2, induction_steps=0, line_docs=0.0, start_facts=8)
+    torch.manual_seed(0)
+    model = train.build_model(recipe, word_tokenizer)
+    gen = FactGenerator(23)
+    items = [train.sample_sequence("icl", gen, 8, word_tokenizer, recipe, bind=True) for _ in range(2)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    stats = [train._step(model, optimizer, items, word_tokenizer, recipe.lr, (1.0, 1))[2] for _ in range(40)]
+    first, last = stats[0], stats[-1]
+    assert all(s is not None for s in stats) and first is not None and last is not None
+    assert last["bind_acc"] > first["bind_acc"] and last["bind_loss"] < first["bind_loss"] / 2, (first, last)
+    plain = train._step(model, optimizer, items, word_tokenizer, recipe.lr)
+    assert plain[2] is None, "without a binding weight the step adds nothing"
+    # a run with the binding loss logs it with the skills and records its recipe
+    log = train.train(recipe, tmp_path, log_every=1)
+    bound = [entry for entry in log["skills"] if "bind_loss" in entry]  # batches with a value-first sentence
+    assert bound and all(entry["bind_loss"] > 0 and 0.0 <= entry["bind_acc"] <= 1.0 for entry in bound)
+    saved = json.loads((tmp_path / "RECIPE.json").read_text())["recipe"]
+    assert saved["bind_weight"] == 1.0 and saved["bind_layer"] == 1
+
+
+def test_the_retrieval_loss_trains_a_head_to_attend_from_the_answer_to_the_bound_entity(word_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    recipe = replace(SMALL, tokenizer="words", value_first=1.0, layers=2, lr=3e-3, max_seq=1024, line_docs=0.0,
+                     shared_attributes=0.0)
+    model = train.build_model(recipe, word_tokenizer)
+    model.set_attn_implementation("eager")
+    gen = FactGenerator(24)
+    items = [train.sample_sequence("icl", gen, 8, word_tokenizer, recipe, bind=True) for _ in range(3)]
+    assert any(item[3] for item in items)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    stats = [train._step(model, optimizer, items, word_tokenizer, recipe.lr, retrieve=(1.0, 2))[2] for _ in range(30)]
+    first, last = stats[0], stats[-1]
+    assert first is not None and last is not None and "bind_loss" not in first
+    assert last["retrieve_attention"] > max(0.5, 3 * first["retrieve_attention"]), (first, last)
+    assert train.retrieval_loss(None, [item[:3] for item in items]) is None, "no pairs, no loss"
+
+
+def test_evaluation_draws_validation_documents_from_another_seed(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from evals.reader import evaluate
+
+    drawn: list[int] = []
+    real = evaluate.generate_documents
+
+    def recording(count, seed, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(seed)
+        return real(count, seed, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_documents", recording)
+    warm = str(Path(train.__file__).parent / "warm_start")
+    for extra in ([], ["--seed", "700001"]):
+        monkeypatch.setattr(sys, "argv", ["evaluate", warm, "--docs", "1", "--min-facts", "3", "--max-facts", "3",
+                                          "--standard-only", "--threads", "1", *extra])
+        evaluate.main()
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["documents"] == 1
+    assert drawn == [evaluate.HELD_OUT_SEED, 700001]

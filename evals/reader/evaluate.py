@@ -117,13 +117,15 @@ def main() -> None:
     parser.add_argument("--siblings", action="store_true",
                         help="Names sharing their first syllable, some extending another (\"Resu\", \"Resutor\").")
     parser.add_argument("--standard-only", action="store_true", help="Skip the paraphrased questions (faster).")
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED,
+                        help="Document seed; another than the default gives a validation set to choose weights on.")
     args = parser.parse_args()
     model, tokenizer = load(args.model_dir, args.threads)
-    docs = generate_documents(args.docs, HELD_OUT_SEED, min_facts=args.min_facts, max_facts=args.max_facts,
+    docs = generate_documents(args.docs, args.seed, min_facts=args.min_facts, max_facts=args.max_facts,
                               prefix="heldout", style=args.style, shared_attributes=args.shared_attributes,
                               confusable=args.confusable, siblings=args.siblings)
     if args.style == "lines" and args.record_queries:
-        rng = random.Random(HELD_OUT_SEED)
+        rng = random.Random(args.seed)
         docs = [record_queries(doc, rng, args.record_queries) for doc in docs]
     families = ("standard",) if args.standard_only else ("standard", "paraphrase")
     print(json.dumps(evaluate(model, tokenizer, docs, families=families).__dict__))

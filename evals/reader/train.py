@@ -35,15 +35,15 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from engines.prompts import CLOSED_BOOK_PROMPT, PASSAGES_PREAMBLE, reader_prompt
 from engines.tiny_model import CHAT_TEMPLATE, CORPUS, PAD, SPECIAL_TOKENS
 from evals.reader import formats
-from evals.synthetic_facts import SYLLABLE, SYLLABLE_PATTERN, FactGenerator, generate_documents
+from evals.synthetic_facts import SYLLABLE, SYLLABLE_PATTERN, FactDocument, FactGenerator, generate_documents
 from trainer_worker.km_data import QA_PROMPT as SDCD_QA_PROMPT
 from trainer_worker.km_data import SUMMARY_PROMPT as SDCD_SUMMARY_PROMPT
 from trainer_worker.synthesize import QA_PROMPT, SUMMARY_PROMPT
@@ -94,6 +94,10 @@ class Recipe:
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is then what is saved (0: off)
     backward_mix: float = 0.0  # share of batches of random-token backward look-ups (formats.backward)
     backward_variant: str = "recurring"  # which (formats.BACKWARD_VARIANTS; "forward" is the induction control)
+    bind_weight: float = 0.0  # weight of the binding loss (`bindings`) added to the skills' loss (0: off)
+    bind_layer: int = 3  # the layer whose output at a value-first fact's entity is read for its value
+    retrieve_weight: float = 0.0  # weight of the retrieval loss (`retrievals`: answer attends to entity; 0: off)
+    retrieve_layer: int = 5  # the layer one of whose heads is trained to attend to the bound entity
 
 
 NAME = re.compile(rf"\b(?:{SYLLABLE_PATTERN})+\b", re.IGNORECASE)
@@ -285,8 +289,10 @@ class Curriculum:
         return sum(self.hits) / max(1, len(self.hits))
 
 
-def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any, recipe: Recipe) -> Any:
-    """One encoded training sequence of `task` on a fresh document."""
+def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any, recipe: Recipe,
+                    bind: bool = False) -> Any:
+    """One encoded training sequence of `task` on a fresh document: ids and labels, and (`bind`) the targets of the
+    binding and retrieval losses in it (`bindings`, `retrievals`)."""
     rng = gen.rng
     facts = rng.randint(max(1, n_facts // 2), n_facts)
     if task in ("summary", "sdcd_summary"):
@@ -315,7 +321,80 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
         segments = formats.sdcd_qa(doc, rng, extra)
     else:
         segments = formats.document(doc)
-    return formats.encode(tokenizer, segments, recipe.max_seq)
+    ids, labels = formats.encode(tokenizer, segments, recipe.max_seq)
+    if not bind:
+        return ids, labels
+    bound = bindings(doc, ids, tokenizer)
+    return ids, labels, bound, retrievals(doc, ids, labels, tokenizer)
+
+
+BIND_GAP = 16  # most tokens between the end of a value and its entity's name within one sentence
+
+
+def bindings(doc: FactDocument, ids: list[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """(position, token) pairs: where a value-first fact's entity name ends in its sentence, and its value's first
+    token. The binding loss reads the reader's hidden state there (`Recipe.bind_layer`, through the final norm and
+    the tied output embedding) and trains it to name the value.
+
+    A causal reader answers "What is the capital of Kelka?" from "Morsu is the capital of Kelka." only if the
+    state at "Kelka" already holds "Morsu" (the value stands before the name the question matches, so a look-up at
+    question time cannot see it from there); the answer loss alone teaches that binding too rarely (one asked fact
+    among a document's dozens, see the README). Every value-first sentence of every training document gives one
+    target here. Facts whose names the sequence was cut before, or that are not in sentences, give none.
+    """
+    return [(end, value[0]) for end, value, _ in _bound_facts(doc, ids, tokenizer)]
+
+
+def _bound_facts(doc: FactDocument, ids: list[int], tokenizer: Any) -> list[tuple[int, list[int], list[int]]]:
+    """Each value-first fact found in `ids`: its entity's last position, its value's and its entity's tokens."""
+    stop = tokenizer(".", add_special_tokens=False)["input_ids"][-1]
+    starts: dict[int, list[int]] = {}
+    for position, token in enumerate(ids):
+        starts.setdefault(token, []).append(position)
+    found = []
+    for fact in doc.facts:
+        if not fact.value_first:
+            continue
+        value = tokenizer(fact.value, add_special_tokens=False)["input_ids"]
+        entity = tokenizer(fact.entity, add_special_tokens=False)["input_ids"]
+        end = _bound_entity(ids, starts.get(value[0], []), value, entity, stop)
+        if end is not None:
+            found.append((end, value, entity))
+    return found
+
+
+def retrievals(doc: FactDocument, ids: list[int], labels: list[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """(query, key) position pairs: where an answer to a value-first fact starts (the position whose output names
+    its first token) and that fact's bound entity (`bindings`). The retrieval loss trains one head of a later layer
+    to attend from the first to the second, so that the value bound there is what the answer copies. Answers that
+    more than one such fact could give (same value, the entity named in the question) are left out."""
+    facts = _bound_facts(doc, ids, tokenizer)
+    if not facts:
+        return []
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    pairs = []
+    for start, end in answer_spans(labels, tokenizer.eos_token_id):
+        answer = labels[start:end - 1]
+        asked = ids[max(i for i in range(start) if ids[i] == user):start] if user in ids[:start] else []
+        keys = [key for key, value, entity in facts if value == answer
+                and any(asked[i:i + len(entity)] == entity for i in range(len(asked)))]
+        if len(keys) == 1:
+            pairs.append((start - 1, keys[0]))
+    return pairs
+
+
+def _bound_entity(ids: list[int], candidates: list[int], value: list[int], entity: list[int], stop: int) -> int | None:
+    """Last position of the first `entity` that follows `value` in the same sentence (the document comes first in
+    every training format, so the first such pair is the fact's sentence)."""
+    for i in candidates:
+        if ids[i:i + len(value)] != value:
+            continue
+        for j in range(i + len(value), min(len(ids) - len(entity) + 1, i + len(value) + BIND_GAP)):
+            if ids[j] == stop:
+                break
+            if ids[j:j + len(entity)] == entity:
+                return j + len(entity) - 1
+    return None
 
 
 def answer_spans(labels: list[int], eos_id: int) -> list[tuple[int, int]]:
@@ -333,26 +412,26 @@ def answer_spans(labels: list[int], eos_id: int) -> list[tuple[int, int]]:
     return spans
 
 
-def make_batch(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
-    """Right-padded ids, labels and attention mask."""
+def make_batch(items: Sequence[tuple[list[int], ...]], pad_id: int) -> tuple[Any, Any, Any]:
+    """Right-padded ids, labels and attention mask (of items that start with ids and labels)."""
     import torch
 
-    width = max(len(ids) for ids, _ in items)
+    width = max(len(item[0]) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (seq, lab) in enumerate(items):
+    for row, (seq, lab, *_) in enumerate(items):
         ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(seq)] = 1
     return ids, labels, mask
 
 
-def exact_answers(logits: Any, labels: Any, items: list[tuple[list[int], list[int]]], eos_id: int) -> list[bool]:
+def exact_answers(logits: Any, labels: Any, items: Sequence[tuple[list[int], ...]], eos_id: int) -> list[bool]:
     """Teacher-forced exact match of each answer span."""
     predicted = logits.argmax(-1)
     out = []
-    for row, (_, lab) in enumerate(items):
+    for row, (_, lab, *_) in enumerate(items):
         for start, end in answer_spans(lab, eos_id):
             # logits at position p predict token p + 1
             out.append(bool((predicted[row, start - 1: end - 1] == labels[row, start:end]).all()))
@@ -446,6 +525,8 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     torch.set_num_threads(recipe.threads)
     tokenizer = phase_tokenizer(recipe, init_from)
     model = build_model(recipe, tokenizer)
+    if recipe.retrieve_weight > 0:  # the retrieval loss reads attention weights, which only eager attention returns
+        model.set_attn_implementation("eager")
     if init_from is not None:  # a continued run: the earlier phase's weights (its recipe is recorded with them)
         from safetensors.torch import load_file
 
@@ -470,9 +551,10 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
     started = time.monotonic()
     model.train()
     recent: deque[float] = deque(maxlen=20)
+    items: Sequence[tuple[list[int], ...]]
     for step in range(recipe.induction_steps):
         items = _induction_batch(rng, pool, recipe)
-        loss, _ = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.induction_steps * 2, recipe.lr))
+        loss, _, _ = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.induction_steps * 2, recipe.lr))
         if average is not None:
             average.update_parameters(model)
         recent.append(loss)
@@ -500,7 +582,11 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
                           recipe.token_budget)
         else:
             items = _skill_batch(rng, gen, curriculum.facts, tokenizer, recipe, tasks)
-        loss, correct = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.steps, recipe.lr))
+        skills = not (draw < recipe.induction_mix or recall or backward)
+        bind = (recipe.bind_weight, recipe.bind_layer) if recipe.bind_weight > 0 and skills else None
+        retrieve = (recipe.retrieve_weight, recipe.retrieve_layer) if recipe.retrieve_weight > 0 and skills else None
+        loss, correct, aux = _step(model, optimizer, items, tokenizer, lr_at(step, recipe.steps, recipe.lr), bind,
+                                   retrieve)
         if average is not None:
             average.update_parameters(model)
         if recall:  # its look-ups carry no EOS-ended answers: the curriculum's accuracy is the skills' alone
@@ -519,6 +605,8 @@ def train(recipe: Recipe, out: Path, log_every: int = 50, init_from: Path | None
             if step % log_every == 0:
                 entry = {"step": step, "loss": loss, "facts": curriculum.facts, "em": round(curriculum.accuracy, 3),
                          "s": round(time.monotonic() - started, 1)}
+                if aux is not None:  # the auxiliary losses and their accuracy or attention
+                    entry |= {key: round(value, 4) for key, value in aux.items()}
                 log["skills"].append(entry)
                 print(json.dumps(entry), flush=True)
         if step % 250 == 249:
@@ -539,9 +627,12 @@ def _induction_batch(rng: random.Random, pool: list[int], recipe: Recipe) -> lis
     return [formats.induction(rng, pool, recipe.induction_length) for _ in range(recipe.induction_batch)]
 
 
-def _fill(draw: Callable[[], tuple[list[int], list[int]]], budget: int) -> list[tuple[list[int], list[int]]]:
+Item = TypeVar("Item", bound=tuple[list[int], ...])
+
+
+def _fill(draw: Callable[[], Item], budget: int) -> list[Item]:
     """Sequences from `draw` until one more would take the padded batch past `budget` tokens (at least one)."""
-    items: list[tuple[list[int], list[int]]] = []
+    items: list[Item] = []
     longest = 0
     while True:
         item = draw()
@@ -570,26 +661,73 @@ def _recall_batch(rng: random.Random, gen: FactGenerator, tokenizer: Any,
 
 
 def _skill_batch(rng: random.Random, gen: FactGenerator, facts: int, tokenizer: Any, recipe: Recipe,
-                 tasks: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
+                 tasks: tuple[str, ...]) -> list[tuple[list[int], ...]]:
     return _fill(lambda: sample_sequence(rng.choices(tasks, weights=recipe.task_weights)[0], gen, facts, tokenizer,
-                                         recipe), recipe.token_budget)
+                                         recipe, bind=recipe.bind_weight > 0 or recipe.retrieve_weight > 0),
+                 recipe.token_budget)
 
 
-def _step(model: Any, optimizer: Any, items: list[tuple[list[int], list[int]]], tokenizer: Any,
-          lr: float) -> tuple[float, list[bool]]:
+def retrieval_loss(attentions: Any, items: Sequence[tuple[list[int], ...]]) -> tuple[Any, float] | None:
+    """Negative log of the attention the best-placed head of one layer (`attentions`: batch, heads, query, key)
+    gives each retrieval pair's key from its query (`retrievals`, the items' fourth part), and that attention's
+    mean; None when the items carry no pairs."""
+    import torch
+
+    rows = [(row, query, key) for row, item in enumerate(items) if len(item) > 3
+            for query, key in cast(list[tuple[int, int]], item[3])]
+    if not rows:
+        return None
+    at = torch.tensor(rows)
+    weights = attentions[at[:, 0], :, at[:, 1], at[:, 2]].max(dim=-1).values  # the head that attends there most
+    return -torch.log(weights + 1e-6).mean(), float(weights.mean().item())
+
+
+def binding_loss(model: Any, hidden: Any, items: Sequence[tuple[list[int], ...]]) -> tuple[Any, list[bool]] | None:
+    """Cross-entropy of each binding target (`bindings`, the items' third part) read from `hidden` (one layer's
+    output) through the final norm and the output embedding, and whether each is already the top token; None when
+    the items carry no targets."""
+    import torch
+
+    rows = [(row, position, token) for row, item in enumerate(items) if len(item) > 2
+            for position, token in cast(list[tuple[int, int]], item[2])]
+    if not rows:
+        return None
+    at = torch.tensor([[row, position] for row, position, _ in rows])
+    targets = torch.tensor([token for _, _, token in rows])
+    logits = model.lm_head(model.model.norm(hidden[at[:, 0], at[:, 1]]))
+    return torch.nn.functional.cross_entropy(logits, targets), (logits.argmax(-1) == targets).tolist()
+
+
+def _step(model: Any, optimizer: Any, items: Sequence[tuple[list[int], ...]], tokenizer: Any,
+          lr: float, bind: tuple[float, int] | None = None,
+          retrieve: tuple[float, int] | None = None) -> tuple[float, list[bool], dict[str, float] | None]:
+    """One optimiser step: the loss, each answer's teacher-forced exact match, and with `bind` (weight, layer) the
+    binding loss, added to the loss, with its top-1 accuracy, and with `retrieve` (weight, layer; the model's
+    attention eager) the retrieval loss with its mean attention (None without either)."""
     import torch
 
     ids, labels, mask = make_batch(items, tokenizer.pad_token_id)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    output = model(input_ids=ids, attention_mask=mask, labels=labels)
-    output.loss.backward()
+    output = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=bind is not None,
+                   output_attentions=retrieve is not None)
+    loss = output.loss
+    stats: dict[str, float] = {}
+    bound = None if bind is None else binding_loss(model, output.hidden_states[bind[1]], items)
+    if bind is not None and bound is not None:
+        loss = loss + bind[0] * bound[0]
+        stats |= {"bind_loss": float(bound[0].item()), "bind_acc": sum(bound[1]) / len(bound[1])}
+    found = None if retrieve is None else retrieval_loss(output.attentions[retrieve[1] - 1], items)
+    if retrieve is not None and found is not None:
+        loss = loss + retrieve[0] * found[0]
+        stats |= {"retrieve_loss": float(found[0].item()), "retrieve_attention": found[1]}
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         correct = exact_answers(output.logits, labels, items, tokenizer.eos_token_id)
-    return float(output.loss.item()), correct
+    return float(output.loss.item()), correct, stats or None
 
 
 def save(model: Any, tokenizer: Any, recipe: Recipe, out: Path, log: dict[str, Any]) -> None:
@@ -669,6 +807,14 @@ def main() -> None:
     parser.add_argument("--backward-variant", choices=formats.BACKWARD_VARIANTS, default=Recipe.backward_variant,
                         help="recurring: entities recur under several relations; unique: one sentence each; "
                              "forward: the recurring documents with the value after the match (the control).")
+    parser.add_argument("--bind-weight", type=float, default=Recipe.bind_weight,
+                        help="Weight of the binding loss: a value-first fact's entity state names its value.")
+    parser.add_argument("--bind-layer", type=int, default=Recipe.bind_layer,
+                        help="Which layer's output the binding loss reads (1 = after the first).")
+    parser.add_argument("--retrieve-weight", type=float, default=Recipe.retrieve_weight,
+                        help="Weight of the retrieval loss: a head attends from a value-first answer to its entity.")
+    parser.add_argument("--retrieve-layer", type=int, default=Recipe.retrieve_layer,
+                        help="Which layer's heads the retrieval loss trains (1 = the first).")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--task-weights", type=str, default=",".join(map(str, Recipe.task_weights)),
                         help=f"Comma-separated weights of {', '.join(formats.TASKS)}.")
@@ -678,6 +824,9 @@ def main() -> None:
         parser.error(f"--task-weights needs {len(formats.TASKS)} numbers")
     if not 0 <= args.ema < 1:
         parser.error(f"--ema is a decay in [0, 1) (0: off), got {args.ema}")
+    for flag, layer in (("--bind-layer", args.bind_layer), ("--retrieve-layer", args.retrieve_layer)):
+        if not 1 <= layer <= args.layers:
+            parser.error(f"{flag} is a layer from 1 to --layers ({args.layers}), got {layer}")
     recipe = Recipe(steps=args.steps, induction_steps=args.induction_steps, threads=args.threads, seed=args.seed,
                     start_facts=args.start_facts, max_facts=args.max_facts, line_docs=args.line_docs,
                     record_queries=args.record_queries, shared_attributes=args.shared_attributes,
@@ -690,7 +839,9 @@ def main() -> None:
                     recall_siblings=args.recall_siblings, recall_sentences=args.recall_sentences,
                     followups=args.followups, max_seq=args.max_seq, ema=args.ema,
                     name_valued=args.name_valued, backward_mix=args.backward_mix,
-                    backward_variant=args.backward_variant)
+                    backward_variant=args.backward_variant, bind_weight=args.bind_weight,
+                    bind_layer=args.bind_layer, retrieve_weight=args.retrieve_weight,
+                    retrieve_layer=args.retrieve_layer)
     train(recipe, args.out, init_from=args.init_from)
 
 
