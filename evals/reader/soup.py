@@ -53,7 +53,7 @@ def soup(ingredients: Sequence[tuple[Path, float]], out: Path, command: str = ""
     """Write the weighted mean of the ingredients' weights to `out` with the first one's tokenizer and config;
     return the recipe written next to it. Refuses ingredients whose config, tokenizer or tensors differ."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load, save_file
 
     if len(ingredients) < 2:
         raise ValueError("a soup needs at least two ingredients")
@@ -67,27 +67,28 @@ def soup(ingredients: Sequence[tuple[Path, float]], out: Path, command: str = ""
                 raise ValueError(f"{path}/{name} differs from {first}/{name}: the weights do not mean the same thing")
     total = sum(weight for _, weight in ingredients)
     mean: dict[str, Any] = {}
+    dtypes: dict[str, Any] = {}  # the first ingredient's, kept in the soup
     records = []
     for path, weight in ingredients:
         raw = (path / WEIGHTS).read_bytes()
-        state = load_file(str(path / WEIGHTS))
+        state = load(raw)  # the bytes hashed are the bytes averaged
         if mean and set(state) != set(mean):
             raise ValueError(f"{path} holds other tensors than {first}")
         for key, value in state.items():
             if key in mean and mean[key].shape != value.shape:
                 raise ValueError(f"{path}: {key} is {tuple(value.shape)}, {first} has {tuple(mean[key].shape)}")
+            dtypes.setdefault(key, value.dtype)
             part = value.to(torch.float64) * (weight / total)
             mean[key] = part if key not in mean else mean[key] + part
         recipe_file = path / "RECIPE.json"
         records.append({"path": str(path), "weight": weight, "weights_sha256": hashlib.sha256(raw).hexdigest(),
                         "recipe": json.loads(recipe_file.read_text()) if recipe_file.is_file() else None})
-    dtype = load_file(str(first / WEIGHTS))
     out.mkdir(parents=True, exist_ok=True)
     for item in first.iterdir():
         if item.is_file() and item.name not in (WEIGHTS, "RECIPE.json"):
             shutil.copyfile(item, out / item.name)
     tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: v.to(dtype[k].dtype).contiguous() for k, v in mean.items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.to(dtypes[k]).contiguous() for k, v in mean.items()}, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS)
     digest = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
     recipe = {"soup": records, "parameters": sum(v.numel() for v in mean.values()), "weights_sha256": digest,

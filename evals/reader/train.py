@@ -324,8 +324,9 @@ def sample_sequence(task: str, gen: FactGenerator, n_facts: int, tokenizer: Any,
     ids, labels = formats.encode(tokenizer, segments, recipe.max_seq)
     if not bind:
         return ids, labels
-    bound = bindings(doc, ids, tokenizer)
-    return ids, labels, bound, retrievals(doc, ids, labels, tokenizer)
+    located = _bound_facts(doc, ids, tokenizer)  # once for both losses
+    return (ids, labels, [(end, value[0]) for end, value, _ in located],
+            _retrieval_pairs(located, ids, labels, tokenizer))
 
 
 BIND_GAP = 16  # most tokens between the end of a value and its entity's name within one sentence
@@ -368,7 +369,12 @@ def retrievals(doc: FactDocument, ids: list[int], labels: list[int], tokenizer: 
     its first token) and that fact's bound entity (`bindings`). The retrieval loss trains one head of a later layer
     to attend from the first to the second, so that the value bound there is what the answer copies. Answers that
     more than one such fact could give (same value, the entity named in the question) are left out."""
-    facts = _bound_facts(doc, ids, tokenizer)
+    return _retrieval_pairs(_bound_facts(doc, ids, tokenizer), ids, labels, tokenizer)
+
+
+def _retrieval_pairs(facts: list[tuple[int, list[int], list[int]]], ids: list[int], labels: list[int],
+                     tokenizer: Any) -> list[tuple[int, int]]:
+    """`retrievals` of facts already located by `_bound_facts`."""
     if not facts:
         return []
     user = tokenizer.convert_tokens_to_ids("<|user|>")
